@@ -1,0 +1,5 @@
+import sys
+
+from fedward.cli import main
+
+sys.exit(main())

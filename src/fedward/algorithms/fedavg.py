@@ -1,0 +1,123 @@
+"""FedAvg (McMahan et al. 2017) as in the Fed-MAS reference code, and the local training loop
+that FedProx, MOON, local and centralized training share."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fedward.algorithms.aggregate import example_weights, weighted_average
+from fedward.algorithms.base import (
+    Algorithm,
+    Arrays,
+    ClientReply,
+    ServerMessage,
+    Workspace,
+    batchnorm_buffer_keys,
+    examples_seen,
+    make_optimizer,
+    to_cpu,
+    training_batches,
+)
+from fedward.data.types import ClientData
+from fedward.losses import build_loss
+
+# (model, images) -> (logits, anything the extra loss needs)
+ForwardFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, Any]]
+# (forward extras, images) -> scalar tensor added to the task loss
+ExtraLossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def plain_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    return model(images), None
+
+
+def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: int, batch_size: int,
+                loss_fn: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                forward: ForwardFn = plain_forward, extra_loss: ExtraLossFn | None = None,
+                grad_clip: float | None = None) -> tuple[int, float]:
+    """Run ``epochs`` epochs of minibatch training on the client's train split.
+
+    Returns (number of steps, mean task+extra loss). Images are augmented as whole batches on the
+    training device with the client's generator, so the work is reproducible bit for bit.
+    """
+    model.train()
+    split = client.train
+    total, steps = torch.zeros((), dtype=torch.float64), 0
+    for _, index in training_batches(split, batch_size, epochs, generator):
+        images = split.images[index].to(ws.device, non_blocking=True)
+        labels = split.labels[index].to(ws.device, non_blocking=True)
+        inputs = ws.augment(images, generator) if ws.augment is not None else images
+        logits, extras = forward(model, inputs)
+        loss = loss_fn(logits, labels)
+        if extra_loss is not None:
+            loss = loss + extra_loss(extras, inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        total += loss.detach().double().cpu()
+        steps += 1
+    return steps, float(total / max(steps, 1))
+
+
+class FedAvg(Algorithm):
+    """Clients load the global state dict, train locally, send the whole state dict back; the
+    server averages every entry with weights num-examples / sum (the reference's rule, where
+    num-examples = floor(n/B)*B). With ``bn_policy: local`` a client keeps its own BatchNorm
+    statistics across rounds (FedBN / FLamby behaviour)."""
+
+    name = "fedavg"
+    default_grad_clip: float | None = None
+
+    # -- hooks for subclasses ------------------------------------------------------------------
+    def forward_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ForwardFn:
+        return plain_forward
+
+    def extra_loss_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ExtraLossFn | None:
+        return None
+
+    def after_training(self, ws: Workspace, state: dict[str, Any]) -> None:
+        """Client-side bookkeeping after local training (MOON keeps its previous model)."""
+
+    # -- client -------------------------------------------------------------------------------
+    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> nn.Module:
+        model = ws.model
+        model.load_state_dict(message.arrays)
+        if self.cfg.bn_policy == "local" and "bn-statistics" in state:
+            model.load_state_dict(state["bn-statistics"], strict=False)
+        return model
+
+    def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
+                      generator: torch.Generator) -> ClientReply:
+        cfg = self.cfg
+        model = self.load_start_model(ws, message, state)
+        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
+                             global_class_counts=self.spec.global_class_counts)
+        loss_fn.start_round(message.round - 1, cfg.comm_round)
+        optimizer = make_optimizer(cfg, model.parameters())
+        if cfg.persist_optimizer_state and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        steps, mean_loss = train_local(
+            ws, model, client, epochs=cfg.epochs, batch_size=cfg.batch_size, loss_fn=loss_fn, optimizer=optimizer,
+            generator=generator, forward=self.forward_fn(ws, message, state),
+            extra_loss=self.extra_loss_fn(ws, message, state),
+            grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
+        if cfg.persist_optimizer_state:
+            state["optimizer"] = optimizer.state_dict()
+        arrays = to_cpu(model.state_dict())
+        if cfg.bn_policy == "local":
+            state["bn-statistics"] = {k: arrays[k] for k in batchnorm_buffer_keys(model)}
+        self.after_training(ws, state)
+        metrics = {"num-examples": float(examples_seen(len(client.train), cfg.batch_size)),
+                   "train-loss": mean_loss, "steps": float(steps)}
+        return ClientReply(client_id=client.client_id, arrays=arrays, metrics=metrics)
+
+    # -- server -------------------------------------------------------------------------------
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+        weights = example_weights([r.metrics["num-examples"] for r in replies])
+        new_state = weighted_average([r.arrays for r in replies], weights)
+        return new_state, {"weights": weights}

@@ -1,0 +1,42 @@
+"""Local training (every hospital alone): the lower bound. Nothing is exchanged after the
+initial weights; each client's model lives in its own state and is the deliverable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, Workspace, to_cpu
+from fedward.algorithms.fedavg import FedAvg
+from fedward.data.types import ClientData
+
+
+class Local(FedAvg):
+    name = "local"
+    personalised = True
+
+    def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
+        # Only the first round carries the (data-free) initial weights, so all clients start equal.
+        arrays = global_state if round_index == 1 else {}
+        return ServerMessage(round=round_index, arrays=arrays, config={"total-rounds": self.cfg.comm_round})
+
+    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
+        ws.model.load_state_dict(state.get("model", message.arrays))
+        return ws.model
+
+    def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
+                      generator: torch.Generator) -> ClientReply:
+        reply = super().client_update(ws, client, message, state, generator)
+        state["model"] = reply.arrays
+        # The local model never leaves the client: the reply carries metrics only.
+        return ClientReply(client_id=reply.client_id, arrays={}, metrics=reply.metrics)
+
+    def local_model_state(self, reply: ClientReply, state: dict[str, Any]) -> Arrays | None:
+        return state.get("model")
+
+    def aggregate(self, round_index, global_state, replies):
+        return global_state, {}
+
+    def declared_reply_keys(self, global_state: Arrays) -> set[str]:
+        return set()

@@ -1,0 +1,258 @@
+"""Run configuration: one typed dataclass, filled from a YAML file and/or command-line flags.
+
+The flag names of the Fed-MAS reference code (``--client_number``, ``--comm_round``, ``--adam``,
+``--loss_fn_name`` ...) are the field names, so the seed's README commands work with
+``python main.py`` replaced by ``fedward run``. Flags the reference declares but never uses are
+rejected with a message that says so (see ``DEAD_REFERENCE_FLAGS``), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedward.errors import ConfigError
+
+METHODS = ("fedavg", "fedprox", "moon", "local", "centralized")
+# Methods of later issues: named here so the error says what is coming rather than "unknown".
+PLANNED_METHODS = {"fedmas": "Fed-MAS (issue 3)", "mhpflid": "MH-pFLID (issue 4)"}
+PARTITION_METHODS = ("natural", "homo", "iid", "hetero", "dirichlet", "pathological")
+BN_POLICIES = ("average", "local")
+# Keys a run directory's config.yaml carries for information; a config file may hold them.
+INFO_KEYS = ("class_names", "client_names", "fedward_version")
+
+# Flags of the reference code that have no effect there (fedmas.md section 7 item 11, 6.3).
+DEAD_REFERENCE_FLAGS: dict[str, str] = {
+    "distill_u": "its 'global' distillation loss is the constant 0 in the reference code",
+    "ramp_fed": "it has no effect on the fedavg/fedmas paths of the reference code",
+    "update_encoder": "it has no effect on the fedavg/fedmas paths of the reference code",
+    "fusion": "it has no effect on the fedavg/fedmas paths of the reference code",
+    "add_free_projector": "it has no effect in the reference code",
+    "blur": "the reference always applies its Gaussian blur; use --augment false to turn augmentation off",
+    "blur_prob": "the reference always applies its Gaussian blur",
+    "cosine_restart_n": "it has no effect in the reference code",
+    "pretrained": "it has no effect in the reference code; use --pre_trained_tv",
+    "aug": "the reference ignores it; use --augment true|false",
+    "save_free_losses": "fedward logs the class-wise divergences in metrics.jsonl instead",
+    "save_client": "it crashes in the reference code; per-client models are saved in the run directory",
+    "update_clients": "clients always load the global model (the reference default)",
+    "client_sample": "fedward runs every client every round (the reference default, 1.0)",
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Field names follow the reference code's flags where one exists."""
+
+    # -- method and training
+    method: str = "fedavg"
+    comm_round: int = 10
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 3e-4
+    adam: bool = False
+    momentum: float = 0.9
+    nesterov: bool = True
+    wd: float = 1e-4  # SGD weight decay; the reference's Adam has none
+    persist_optimizer_state: bool = True  # the reference keeps each client's optimizer state
+    loss_fn_name: str = "CE"
+    mu: float = 0.45  # FedProx / MOON coefficient (reference default)
+    temperature: float = 0.5  # MOON
+    moon_proj_dim: int = 256
+    grad_clip: float | None = None  # None: the reference's choice per method (5.0 for moon)
+    bn_policy: str = "average"  # "average": whole state dict (reference); "local": FedBN/FLamby
+    # -- model
+    model: str = "resnet18"
+    stem: str = "auto"
+    pre_trained_tv: str | None = None  # None: off; "default": torchvision's cache path; else a file
+    # -- data
+    dataset: str = "synthetic"
+    data_seed: int = 0  # the data set's seed; --seed varies training only
+    data_dir: str | None = None
+    image_size: int = 32
+    data_scale: float = 0.2
+    client_number: int | None = None  # None: the data set's natural number of clients
+    partition_method: str = "natural"
+    partition_alpha: float = 0.5
+    classes_per_client: int = 2
+    val_fraction: float = 0.1
+    fold: int = 1
+    augment: bool = True
+    # -- evaluation
+    validate_client: bool = False
+    eval_every: int = 1  # evaluate every N rounds (the last round always); 0: only the last
+    eval_batch_size: int = 256
+    # -- execution
+    seed: int = 0
+    thread_number: int = 1
+    gpu: str | None = None
+    devices: list[str] = field(default_factory=list)  # resolved from gpu / thread_number
+    output: str | None = None
+    checkpoint_every: int = 1
+    progress: bool = True
+    # -- Fed-MAS flags of the reference, accepted for its commands; used by issue 3's fedmas
+    free_u: float = 0.0
+    pre_trained_models: str | None = None
+    update_projector_head: str = "both"
+    aggregate_method: str = "avg"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of RunConfig fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in INFO_KEYS}
+    for key in data:
+        if key in DEAD_REFERENCE_FLAGS:
+            raise ConfigError(f"config key '{key}' in {path} is not accepted: {DEAD_REFERENCE_FLAGS[key]}")
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"unknown config key '{key}' in {path}; see `fedward run --help` for the keys")
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/flag value to the field's type, with an error naming the key."""
+    default = RunConfig.__dataclass_fields__[name]
+    kind = default.type if isinstance(default.type, str) else str(default.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"'{name}' must not be empty")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        return str(value)
+    except (TypeError, ValueError):
+        expected = kind.split(" |")[0]
+        raise ConfigError(f"'{name}' must be {expected}, got {value!r}") from None
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a dict of field values (file values overridden by flags)."""
+    cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values and cross-field rules; normalise case where the reference is case-insensitive."""
+    cfg.method = cfg.method.lower()
+    if cfg.method in PLANNED_METHODS:
+        raise ConfigError(f"--method {cfg.method}: {PLANNED_METHODS[cfg.method]} is not implemented in this version; "
+                          f"expected one of: {', '.join(METHODS)}")
+    _require(cfg.method in METHODS, f"--method '{cfg.method}' is unknown; expected one of: {', '.join(METHODS)}")
+    for name in ("comm_round", "epochs", "batch_size", "image_size", "eval_batch_size", "thread_number"):
+        _require(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    _require(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    _require(cfg.mu >= 0, f"--mu must be >= 0, got {cfg.mu}")
+    _require(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
+    _require(0 < cfg.data_scale <= 1, f"--data_scale must be in (0, 1], got {cfg.data_scale}")
+    _require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    _require(cfg.eval_every >= 0, f"--eval_every must be >= 0, got {cfg.eval_every}")
+    _require(cfg.checkpoint_every >= 1, f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+    _require(cfg.client_number is None or cfg.client_number >= 1,
+             f"--client_number must be at least 1, got {cfg.client_number}")
+    cfg.partition_method = cfg.partition_method.lower()
+    _require(cfg.partition_method in PARTITION_METHODS,
+             f"--partition_method '{cfg.partition_method}' is unknown; expected one of: {', '.join(PARTITION_METHODS)}")
+    if cfg.partition_method in ("hetero", "dirichlet"):
+        _require(cfg.partition_alpha > 0, f"--partition_alpha must be > 0 for a Dirichlet split, got {cfg.partition_alpha}")
+    _require(cfg.bn_policy in BN_POLICIES, f"--bn_policy '{cfg.bn_policy}' is unknown; expected one of: {', '.join(BN_POLICIES)}")
+    cfg.aggregate_method = cfg.aggregate_method.lower()
+    _require(cfg.aggregate_method == "avg",
+             f"--aggregate_method {cfg.aggregate_method} needs --method fedmas (issue 3); {cfg.method} aggregates with 'avg'")
+    _require(cfg.update_projector_head == "both",
+             f"--update_projector_head {cfg.update_projector_head} applies to --method fedmas only; expected 'both'")
+    _require(cfg.free_u == 0, f"--free_u applies to --method fedmas only (issue 3); got {cfg.free_u} with --method {cfg.method}")
+    _require(cfg.pre_trained_models is None,
+             f"--pre_trained_models applies to --method fedmas only (issue 3); got '{cfg.pre_trained_models}'")
+
+
+def config_help() -> dict[str, str]:
+    """One line of help per field, for the CLI."""
+    return {
+        "method": f"training method: {', '.join(METHODS)}",
+        "comm_round": "number of communication rounds",
+        "epochs": "local epochs per round",
+        "batch_size": "training batch size (the last incomplete batch is dropped, as in the reference)",
+        "lr": "learning rate",
+        "adam": "use Adam (no weight decay, as the reference) instead of SGD",
+        "momentum": "SGD momentum",
+        "nesterov": "SGD Nesterov momentum",
+        "wd": "SGD weight decay",
+        "persist_optimizer_state": "keep each client's optimizer state across rounds (reference: true)",
+        "loss_fn_name": "local loss: CE, BSM, focal, LDAM, CB, RW, LCC, FLAMBY_FOCAL",
+        "mu": "FedProx proximal / MOON contrastive coefficient",
+        "temperature": "MOON temperature",
+        "moon_proj_dim": "MOON projection width",
+        "grad_clip": "gradient-norm clip (default: 5 for moon, none otherwise, as the reference)",
+        "bn_policy": "BatchNorm statistics: 'average' (whole state dict, reference) or 'local' (FedBN/FLamby)",
+        "model": "model name from the registry (fedward models)",
+        "stem": "ResNet stem: auto, imagenet, medium, small",
+        "pre_trained_tv": "initialise the backbone from torchvision ImageNet weights: a file, or no value for torchvision's cache path",
+        "dataset": "data set name (built-in: synthetic)",
+        "data_seed": "seed of the generated data set and its partition (--seed varies training only)",
+        "data_dir": "data folder; the built-in synthetic set is used when it does not exist (with a notice)",
+        "image_size": "image side in pixels",
+        "data_scale": "fraction of Fed-ISIC2019's per-centre counts the synthetic set generates",
+        "client_number": "number of clients (default: the data set's natural centres)",
+        "partition_method": "natural, homo/iid, hetero/dirichlet, pathological",
+        "partition_alpha": "Dirichlet concentration for hetero",
+        "classes_per_client": "classes per client for pathological",
+        "val_fraction": "fraction of each client's train data held out for validation",
+        "fold": "data fold (the reference ships fold 1 only)",
+        "augment": "batched train augmentation of the reference (flips, blur, rotation)",
+        "validate_client": "also evaluate each client's local model on its own splits every round",
+        "eval_every": "evaluate every N rounds (the last round always)",
+        "eval_batch_size": "evaluation batch size",
+        "seed": "random seed",
+        "thread_number": "reference flag: worker count; fedward uses one worker per device",
+        "gpu": "comma-separated GPU ids (falls back to CPU with a notice when none is present)",
+        "devices": "explicit device list, e.g. cpu,cpu for two CPU workers",
+        "output": "run directory",
+        "checkpoint_every": "checkpoint every N rounds (and the last)",
+        "progress": "show progress bars",
+        "free_u": "Fed-MAS prior-alignment weight (fedmas only)",
+        "pre_trained_models": "Fed-MAS prior (fedmas only)",
+        "update_projector_head": "Fed-MAS head sync (fedmas only)",
+        "aggregate_method": "server aggregation: avg (mas variants need fedmas)",
+    }

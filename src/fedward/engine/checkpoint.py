@@ -1,0 +1,45 @@
+"""Checkpoints: after every round, everything a resumed run needs to continue exactly.
+
+Randomness needs no saved state: every draw comes from generators keyed by (seed, round, client),
+so a resumed round draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedward.errors import CheckpointError
+from fedward.tracking import RunDirectory
+from fedward.tracking.rundir import atomic_torch_save
+
+FORMAT_VERSION = 1
+
+
+def path_of(run_dir: RunDirectory):
+    return run_dir.checkpoints_dir / "last.pt"
+
+
+def save(run_dir: RunDirectory, *, round: int, global_state, client_states, server_state, num_classes: int) -> None:
+    """Write the checkpoint atomically (a crash mid-write leaves the previous one intact)."""
+    run_dir.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT_VERSION, "round": round, "global_state": global_state,
+               "client_states": client_states, "server_state": server_state, "num_classes": num_classes}
+    atomic_torch_save(payload, path_of(run_dir))
+
+
+def load(run_dir: RunDirectory, *, expected_num_classes: int) -> dict[str, Any]:
+    path = path_of(run_dir)
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir.path} has no checkpoint ({path} is missing): nothing to resume; start a new run")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} is not a fedward checkpoint of format {FORMAT_VERSION}")
+    if payload["num_classes"] != expected_num_classes:
+        raise CheckpointError(f"checkpoint {path} was trained for {payload['num_classes']} classes but the data "
+                              f"has {expected_num_classes}")
+    return payload

@@ -1,0 +1,258 @@
+"""The in-process simulation engine: K clients on one machine, one after another on one device or
+spread over a pool of workers (one per device), with a checkpoint after every round.
+
+Each client's randomness comes from generators keyed by (seed, round, client), so the results
+do not depend on the order clients run in or on which worker runs them, and a resumed run ends
+with exactly the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
+from fedward.config import RunConfig
+from fedward.data.augment import BatchAugment
+from fedward.data.types import ClientData, FederatedData
+from fedward.engine import checkpoint as ckpt
+from fedward.engine.evaluation import Predictions, predict
+from fedward.engine.setup import (
+    configure_threads,
+    initial_global_state,
+    load_data,
+    model_builder,
+    notice,
+    pooled_client,
+    resolve_devices,
+    task_spec,
+)
+from fedward.seeding import seed_globals, torch_generator
+from fedward.tracking import RunDirectory
+from fedward.tracking.report import format_summary_table, summarize, write_report
+
+
+@dataclass
+class ClientTask:
+    round: int
+    client_index: int
+    message: ServerMessage
+    state: dict[str, Any]
+
+
+@dataclass
+class ClientResult:
+    reply: ClientReply
+    state: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Simulation:
+    """Holds what one worker needs to run client updates: config, data, method and workspace."""
+
+    def __init__(self, cfg: RunConfig, data: FederatedData, device: str):
+        self.cfg = cfg
+        self.data = data
+        self.spec: TaskSpec = task_spec(data)
+        self.build_model = model_builder(cfg, self.spec)
+        self.algorithm: Algorithm = get_algorithm(cfg.method)(cfg, self.spec, self.build_model)
+        self.device = torch.device(device)
+        self.training_clients: list[ClientData] = (
+            [pooled_client(data)] if self.algorithm.centralized else list(data.clients))
+        self._workspace: Workspace | None = None
+
+    @property
+    def workspace(self) -> Workspace:
+        if self._workspace is None:
+            augment = BatchAugment() if self.cfg.augment else None
+            normalizer = _Normalizing(augment, self.spec.mean, self.spec.std)
+            self._workspace = Workspace(self.build_model, self.device, normalizer)
+        return self._workspace
+
+    def run_client(self, task: ClientTask, evaluate_local: bool) -> ClientResult:
+        """One client's update (and, when asked, the evaluation of its local model on its splits)."""
+        start = time.perf_counter()
+        client = self.training_clients[task.client_index]
+        seed_globals(self.cfg.seed, "global-stream", task.round, task.client_index)
+        generator = torch_generator(self.cfg.seed, "client-train", task.round, task.client_index)
+        state = task.state
+        reply = self.algorithm.client_update(self.workspace, client, task.message, state, generator)
+        rows: list[dict[str, Any]] = []
+        local = self.algorithm.local_model_state(reply, state) if evaluate_local else None
+        if local is not None:
+            rows = self.local_rows(task.round, client, local)
+        return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start)
+
+    def local_rows(self, round_index: int, client: ClientData, local_state) -> list[dict[str, Any]]:
+        model = self.workspace.model
+        model.load_state_dict(local_state)
+        rows = []
+        for split_name in ("val", "test"):
+            split = getattr(client, split_name)
+            if len(split):
+                rows.append(self._predict(model, split).row(
+                    self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
+                    model="local", data="client", split=split_name))
+        if self.algorithm.personalised:
+            # FLamby's "Local i" rows: each local model on the pooled test set too.
+            rows.append(self._predict(model, self.data.pooled("test")).row(
+                self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
+                model="local", data="pooled", split="test"))
+        return rows
+
+    def global_rows(self, round_index: int, global_state) -> list[dict[str, Any]]:
+        """The global model on every client's val and test splits, and on their union (pooled rows
+        reuse the per-client predictions: one forward pass per image)."""
+        model = self.workspace.model
+        model.load_state_dict(global_state)
+        rows = []
+        for split_name in ("val", "test"):
+            parts = []
+            for client in self.data.clients:
+                split = getattr(client, split_name)
+                if not len(split):
+                    continue
+                pred = self._predict(model, split)
+                parts.append(pred)
+                rows.append(pred.row(self.spec.num_classes, round=round_index, scope="server",
+                                     client=client.client_id, model="global", data="client", split=split_name))
+            if parts:
+                rows.append(Predictions.concat(parts).row(
+                    self.spec.num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
+                    client=None, model="global", data="pooled", split=split_name))
+        return rows
+
+    def _predict(self, model, split) -> Predictions:
+        return predict(model, split, device=self.device, mean=self.spec.mean, std=self.spec.std,
+                       batch_size=self.cfg.eval_batch_size)
+
+
+class _Normalizing:
+    """Augment (when on) and normalise a uint8 batch; without augmentation only normalise."""
+
+    def __init__(self, augment: BatchAugment | None, mean, std):
+        self.augment, self.mean, self.std = augment, mean, std
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        from fedward.data.augment import normalize
+        if self.augment is None:
+            return normalize(images, self.mean, self.std)
+        return self.augment(images, generator, mean=self.mean, std=self.std)
+
+
+def evaluation_round(cfg: RunConfig, round_index: int) -> bool:
+    if round_index == cfg.comm_round:
+        return True
+    return cfg.eval_every > 0 and round_index % cfg.eval_every == 0
+
+
+def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = None, resume: bool = False,
+        on_round_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train for ``cfg.comm_round`` rounds (continuing from the last checkpoint with ``resume``),
+    log every round to the run directory, and write the final model, results and report."""
+    from fedward.engine.executor import make_executor
+
+    devices = resolve_devices(cfg)
+    data = data if data is not None else load_data(cfg)
+    sim = Simulation(cfg, data, devices[0])
+    algorithm = sim.algorithm
+    n_clients = len(sim.training_clients)
+
+    if resume:
+        saved = ckpt.load(run_dir, expected_num_classes=sim.spec.num_classes)
+        start_round, global_state = saved["round"], saved["global_state"]
+        client_states, server_state = saved["client_states"], saved["server_state"]
+        run_dir.truncate_rounds_after(start_round)
+        notice(f"resuming {run_dir.path} after round {start_round} of {cfg.comm_round}")
+    else:
+        global_state, notices = initial_global_state(cfg, sim.build_model)
+        for line in notices:
+            notice(line)
+        start_round, client_states, server_state = 0, [{} for _ in range(n_clients)], {}
+
+    executor = make_executor(cfg, data, devices, sim)
+    configure_threads(len(devices)) if len(devices) == 1 else None
+    evaluate_local = cfg.validate_client or algorithm.personalised
+    rounds = tqdm(range(start_round + 1, cfg.comm_round + 1), desc=f"{cfg.method} rounds", unit="round",
+                  initial=start_round, total=cfg.comm_round, disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for round_index in rounds:
+            t0 = time.perf_counter()
+            message = algorithm.server_message(round_index, global_state)
+            tasks = [ClientTask(round_index, k, message, client_states[k]) for k in range(n_clients)]
+            results = executor.run(tasks, evaluate_local=evaluate_local and evaluation_round(cfg, round_index),
+                                   progress=cfg.progress)
+            results.sort(key=lambda r: r.reply.client_id)  # aggregation order is fixed, whatever finished first
+            for k, result in enumerate(results):
+                client_states[k] = result.state
+            replies = [r.reply for r in results]
+            global_state, info = algorithm.aggregate(round_index, global_state, replies)
+            train_seconds = time.perf_counter() - t0
+            rows: list[dict[str, Any]] = []
+            for result in results:
+                rows.extend(result.rows)
+            if "weights" in info:
+                rows.append(_aggregation_row(round_index, replies, info))
+            if not algorithm.personalised and evaluation_round(cfg, round_index):
+                rows.extend(sim.global_rows(round_index, global_state))
+            run_dir.log_rows(rows)
+            if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
+                ckpt.save(run_dir, round=round_index, global_state=global_state, client_states=client_states,
+                          server_state=server_state, num_classes=sim.spec.num_classes)
+            rounds.set_postfix(_postfix(rows, train_seconds))
+            if on_round_end is not None:
+                on_round_end(round_index)
+    finally:
+        executor.close()
+        rounds.close()
+    return finish(cfg, run_dir, sim, global_state, client_states)
+
+
+def _aggregation_row(round_index: int, replies: list[ClientReply], info: dict[str, Any]) -> dict[str, Any]:
+    row = {"round": round_index, "scope": "aggregation", "clients": [r.client_id for r in replies],
+           "weights": [float(w) for w in info["weights"]]}
+    for key in replies[0].metrics:
+        row[key.replace("-", "_")] = [float(r.metrics[key]) for r in replies]
+    for key, value in info.items():
+        if key != "weights":
+            row[key] = value
+    return row
+
+
+def _postfix(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
+    out = {"train s": f"{seconds:.1f}"}
+    for row in rows:
+        if row.get("scope") == "server" and row.get("data") == "pooled" and row.get("split") == "test":
+            out["test BA"] = f"{row['balanced_accuracy']:.3f}"
+    return out
+
+
+def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state, client_states) -> dict[str, Any]:
+    """Final model(s), results.json and the report."""
+    meta = {"model": cfg.model, "method": cfg.method, "num_classes": sim.spec.num_classes,
+            "image_size": sim.spec.image_size, "class_names": sim.spec.class_names,
+            "mean": list(sim.spec.mean), "std": list(sim.spec.std)}
+    if sim.algorithm.personalised:
+        # Personalised models stay with their clients; in simulation the "client side" is this folder.
+        folder = run_dir.path / "final_models"
+        folder.mkdir(exist_ok=True)
+        for k, state in enumerate(client_states):
+            local = sim.algorithm.local_model_state(ClientReply(k, {}, {}), state)
+            if local is not None:
+                torch.save({**meta, "client": k, "state_dict": local}, folder / f"client_{k}.pt")
+    else:
+        torch.save({**meta, "state_dict": global_state}, run_dir.final_model_path)
+    summary = summarize(run_dir.read_rows())
+    run_dir.write_results(summary)
+    write_report(run_dir)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], run_dir: RunDirectory) -> None:
+    print(format_summary_table(summary))
+    print(f"run directory: {run_dir.path}")
