@@ -91,6 +91,7 @@ class RunConfig:
     thread_number: int = 1
     gpu: str | None = None
     devices: list[str] = field(default_factory=list)  # resolved from gpu / thread_number
+    threads: int = 0  # torch threads per worker; 0: the machine's cores shared out over the workers
     output: str | None = None
     checkpoint_every: int = 1
     progress: bool = True
@@ -187,6 +188,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
     _require(0 < cfg.data_scale <= 1, f"--data_scale must be in (0, 1], got {cfg.data_scale}")
     _require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    _require(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
     _require(cfg.eval_every >= 0, f"--eval_every must be >= 0, got {cfg.eval_every}")
     _require(cfg.checkpoint_every >= 1, f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
     _require(cfg.client_number is None or cfg.client_number >= 1,
@@ -248,6 +250,7 @@ def config_help() -> dict[str, str]:
         "thread_number": "reference flag: worker count; fedward uses one worker per device",
         "gpu": "comma-separated GPU ids (falls back to CPU with a notice when none is present)",
         "devices": "explicit device list, e.g. cpu,cpu for two CPU workers",
+        "threads": "torch threads per worker (0: cores / workers)",
         "output": "run directory",
         "checkpoint_every": "checkpoint every N rounds (and the last)",
         "progress": "show progress bars",

@@ -55,6 +55,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     true, pred = _as_label_arrays(y_true, y_pred, num_classes)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ABSENT_CLASS_WARNING)
+        # A client split with a single class (e.g. a tiny test set) is legitimate here.
+        warnings.filterwarnings("ignore", message="A single label was found")
         balanced_accuracy = skm.balanced_accuracy_score(true, pred)
     matrix = skm.confusion_matrix(true, pred, labels=np.arange(num_classes))
     support = matrix.sum(axis=1)

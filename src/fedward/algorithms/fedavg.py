@@ -49,7 +49,7 @@ def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: 
     for _, index in training_batches(split, batch_size, epochs, generator):
         images = split.images[index].to(ws.device, non_blocking=True)
         labels = split.labels[index].to(ws.device, non_blocking=True)
-        inputs = ws.augment(images, generator) if ws.augment is not None else images
+        inputs = ws.augment(images, generator)
         logits, extras = forward(model, inputs)
         loss = loss_fn(logits, labels)
         if extra_loss is not None:

@@ -80,5 +80,5 @@ def make_executor(cfg: RunConfig, data: FederatedData, devices: list[str], sim: 
         return SequentialExecutor(sim)
     from fedward.engine.setup import configure_threads
 
-    threads = configure_threads(len(devices)) if all(d == "cpu" for d in devices) else 1
+    threads = configure_threads(len(devices), cfg.threads) if all(d == "cpu" for d in devices) else 1
     return PoolExecutor(cfg, data, devices, threads)

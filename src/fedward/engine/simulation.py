@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
 from fedward.config import RunConfig
-from fedward.data.augment import BatchAugment
+from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions, predict
@@ -69,9 +69,9 @@ class Simulation:
     @property
     def workspace(self) -> Workspace:
         if self._workspace is None:
-            augment = BatchAugment() if self.cfg.augment else None
-            normalizer = _Normalizing(augment, self.spec.mean, self.spec.std)
-            self._workspace = Workspace(self.build_model, self.device, normalizer)
+            mean, std = self.spec.mean, self.spec.std
+            augment = BatchAugment(mean=mean, std=std) if self.cfg.augment else _Normalize(mean, std)
+            self._workspace = Workspace(self.build_model, self.device, augment)
         return self._workspace
 
     def run_client(self, task: ClientTask, evaluate_local: bool) -> ClientResult:
@@ -132,17 +132,14 @@ class Simulation:
                        batch_size=self.cfg.eval_batch_size)
 
 
-class _Normalizing:
-    """Augment (when on) and normalise a uint8 batch; without augmentation only normalise."""
+class _Normalize:
+    """Normalisation only (``augment: false``)."""
 
-    def __init__(self, augment: BatchAugment | None, mean, std):
-        self.augment, self.mean, self.std = augment, mean, std
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from fedward.data.augment import normalize
-        if self.augment is None:
-            return normalize(images, self.mean, self.std)
-        return self.augment(images, generator, mean=self.mean, std=self.std)
+        return normalize(images, self.mean, self.std)
 
 
 def evaluation_round(cfg: RunConfig, round_index: int) -> bool:
@@ -176,7 +173,8 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
         start_round, client_states, server_state = 0, [{} for _ in range(n_clients)], {}
 
     executor = make_executor(cfg, data, devices, sim)
-    configure_threads(len(devices)) if len(devices) == 1 else None
+    if len(devices) == 1:
+        configure_threads(1, cfg.threads)
     evaluate_local = cfg.validate_client or algorithm.personalised
     rounds = tqdm(range(start_round + 1, cfg.comm_round + 1), desc=f"{cfg.method} rounds", unit="round",
                   initial=start_round, total=cfg.comm_round, disable=not cfg.progress, dynamic_ncols=True)

@@ -1,0 +1,32 @@
+"""`make bench`: every benchmark, one JSON line each, appended to bench/results/latest.jsonl."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_augment  # noqa: E402
+import bench_engine  # noqa: E402
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    rows = []
+    for module in (bench_engine, bench_augment):
+        rows.extend(module.run(quick=quick))
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with open(out / "latest.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps({**row, "when": stamp, "machine": platform.processor() or platform.machine()}) + "\n")
+    print(f"results: {out / 'latest.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,605 @@
+"""Summaries, plots and the HTML report of a run, and a comparison across runs.
+
+Evaluation that does not cheat: the reference codebases report the best round on the test set.
+Here ``final`` is the last round and ``selected`` is the round chosen by validation balanced
+accuracy; no number is ever chosen by looking at the test set.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from fedward.errors import FedwardError
+from fedward.tracking.rundir import EVAL_SCOPES, RunDirectory, atomic_write_bytes, atomic_write_text, row_kind
+
+METRIC_KEYS = ("balanced_accuracy", "accuracy", "macro_f1")
+METRIC_LABELS = {"balanced_accuracy": "bal. acc.", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+LEARNING_CURVES_PNG = "learning_curves.png"
+CONFUSION_MATRIX_PNG = "confusion_matrix.png"
+AGGREGATION_WEIGHTS_PNG = "aggregation_weights.png"
+COMPARISON_PNG = "comparison.png"
+
+# {round: row} for one (scope, model, data, split, client) series
+Series = dict[int, dict]
+
+
+# --------------------------------------------------------------------------------------------
+# selecting rows
+
+
+def _evaluation_rows(rows: Iterable[dict]) -> list[dict]:
+    """Evaluation rows, checked for the fields the summary needs."""
+    found = []
+    for index, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or row.get("scope") not in EVAL_SCOPES:
+            continue
+        for key in ("round", "split", "balanced_accuracy"):
+            if key not in row:
+                raise FedwardError(f"metrics row {index} (scope {row['scope']!r}) lacks {key!r}; expected the metrics.jsonl fields")
+        if not isinstance(row["round"], int) or isinstance(row["round"], bool):
+            raise FedwardError(f"metrics row {index}: 'round' is {row['round']!r}; expected an integer")
+        found.append(row)
+    return found
+
+
+def _series(rows: list[dict], *, scope: str, model: str, data: str, split: str, client: int | None) -> Series:
+    """Rows of one kind by round; a later duplicate of a round replaces an earlier one."""
+    picked: Series = {}
+    for row in rows:
+        if row["scope"] == scope and row["split"] == split and row.get("client") == client and row_kind(row) == (model, data):
+            picked[row["round"]] = row
+    return picked
+
+
+def _clients(rows: list[dict], *, scope: str, model: str, data: str) -> list[int]:
+    return sorted({row["client"] for row in rows if row["scope"] == scope and row.get("client") is not None and row_kind(row) == (model, data)})
+
+
+def _value(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _metrics(row: dict) -> dict[str, float | None]:
+    return {key: _value(row, key) for key in METRIC_KEYS}
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _select_by_validation(val: Series, test: Series) -> int | None:
+    """Round with the highest validation balanced accuracy among rounds that also have a test row.
+
+    Ties go to the earliest round; NaN scores never win. None when no round qualifies.
+    """
+    best_round, best_score = None, -math.inf
+    for round_ in sorted(set(val) & set(test)):
+        score = _value(val[round_], "balanced_accuracy")
+        if score is not None and not math.isnan(score) and score > best_score:
+            best_round, best_score = round_, score
+    return best_round
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Final-round and validation-selected metrics of a run.
+
+    With server rows (a global model): ``final`` is the pooled-test metrics at the last round,
+    ``selected`` those at the round of highest pooled validation balanced accuracy (earliest on
+    ties; None without validation rows), ``per_client_final`` the global model's balanced
+    accuracy on each client's test split at the final round. Without server rows (local or
+    personalised methods) the same is computed per client from each local model's own splits and
+    averaged over clients, FLamby's "local i" style.
+    """
+    evals = _evaluation_rows(rows)
+    if not evals:
+        raise FedwardError("metrics hold no evaluation rows; expected rows with scope 'server' or 'client' (has the run evaluated yet?)")
+    pooled_test = _series(evals, scope="server", model="global", data="pooled", split="test", client=None)
+    if pooled_test:
+        return _summarize_global(evals, pooled_test)
+    return _summarize_local(evals)
+
+
+def _summarize_global(evals: list[dict], pooled_test: Series) -> dict:
+    pooled_val = _series(evals, scope="server", model="global", data="pooled", split="val", client=None)
+    final_round = max(pooled_test)
+    selected_round = _select_by_validation(pooled_val, pooled_test)
+
+    per_client_final: dict[int, float | None] = {}
+    for client in _clients(evals, scope="server", model="global", data="client"):
+        row = _series(evals, scope="server", model="global", data="client", split="test", client=client).get(final_round)
+        if row is not None:
+            per_client_final[client] = _value(row, "balanced_accuracy")
+
+    # Personalised methods that also keep a global model: each client's local model at its last round.
+    per_client_local_final: dict[int, float | None] = {}
+    for client in _clients(evals, scope="client", model="local", data="client"):
+        test = _series(evals, scope="client", model="local", data="client", split="test", client=client)
+        if test:
+            per_client_local_final[client] = _value(test[max(test)], "balanced_accuracy")
+
+    if selected_round is None:
+        chosen = "selected: none (no pooled validation rows, so no round was chosen by validation balanced accuracy)"
+    else:
+        chosen = (
+            f"selected: pooled-test metrics at the round chosen by validation balanced accuracy "
+            f"on the pooled validation split (round {selected_round})"
+        )
+    summary: dict[str, Any] = {
+        "mode": "global",
+        "final_round": final_round,
+        "final": _metrics(pooled_test[final_round]),
+        "selected_round": selected_round,
+        "selected": None if selected_round is None else _metrics(pooled_test[selected_round]),
+        "per_client_final": per_client_final,
+        "mean_client_final": _mean(per_client_final.values()),
+        "selection": (
+            f"final: pooled-test metrics of the global model at the final round ({final_round}); {chosen}; "
+            "no number is chosen on the test set"
+        ),
+    }
+    if per_client_local_final:
+        summary["per_client_local_final"] = per_client_local_final
+        summary["mean_client_local_final"] = _mean(per_client_local_final.values())
+    return summary
+
+
+def _summarize_local(evals: list[dict]) -> dict:
+    finals: dict[int, dict] = {}
+    selections: dict[int, int | None] = {}
+    selected_rows: dict[int, dict] = {}
+    pooled_final: dict[int, float | None] = {}
+    final_round = 0
+    for client in _clients(evals, scope="client", model="local", data="client"):
+        test = _series(evals, scope="client", model="local", data="client", split="test", client=client)
+        if not test:
+            continue
+        val = _series(evals, scope="client", model="local", data="client", split="val", client=client)
+        finals[client] = test[max(test)]
+        final_round = max(final_round, max(test))
+        selections[client] = _select_by_validation(val, test)
+        if selections[client] is not None:
+            selected_rows[client] = test[selections[client]]
+        pooled = _series(evals, scope="client", model="local", data="pooled", split="test", client=client)
+        if pooled:
+            pooled_final[client] = _value(pooled[max(pooled)], "balanced_accuracy")
+    if not finals:
+        raise FedwardError("metrics hold no test rows of the global model or of any local model; expected rows with split 'test'")
+
+    all_selected = len(selected_rows) == len(finals)
+    final = {key: _mean(_value(row, key) for row in finals.values()) for key in METRIC_KEYS}
+    selected = {key: _mean(_value(row, key) for row in selected_rows.values()) for key in METRIC_KEYS} if all_selected else None
+    per_client_final = {client: _value(row, "balanced_accuracy") for client, row in finals.items()}
+    if all_selected:
+        chosen = (
+            "selected: the same mean at each client's round chosen by validation balanced accuracy "
+            "on its own validation split (per_client_selected_round)"
+        )
+    else:
+        chosen = "selected: none (some clients have no validation rows, so no round was chosen by validation balanced accuracy)"
+    summary: dict[str, Any] = {
+        "mode": "local",
+        "final_round": final_round,
+        "final": final,
+        "selected_round": None,  # chosen per client, see per_client_selected_round
+        "selected": selected,
+        "per_client_selected_round": selections,
+        "per_client_final": per_client_final,
+        "mean_client_final": _mean(per_client_final.values()),
+        "selection": (
+            "no global model: final: mean over clients of each local model's metrics on its own test split "
+            f"at the final round (round {final_round}); {chosen}; no number is chosen on the test set"
+        ),
+    }
+    if pooled_final:
+        summary["pooled_final"] = pooled_final
+        summary["mean_pooled_final"] = _mean(pooled_final.values())
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# text tables
+
+
+def format_table(header: list[str], body: list[list[str]], *, left_columns: int = 1) -> str:
+    """Plain-text table: the first ``left_columns`` columns (text) left-aligned, the rest right-aligned."""
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def render(line: list[str]) -> str:
+        cells = [cell.ljust(widths[i]) if i < left_columns else cell.rjust(widths[i]) for i, cell in enumerate(line)]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([render(header), rule, *(render(line) for line in body)])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_summary_table(summary: dict) -> str:
+    """The short table printed at the end of ``fedward run``."""
+    local = summary.get("mode") == "local"
+    header = ["", *(METRIC_LABELS[key] for key in METRIC_KEYS)]
+    final_label = f"final (round {summary['final_round']})" + (", mean of local models" if local else "")
+    body = [[final_label, *(_fmt(summary["final"][key]) for key in METRIC_KEYS)]]
+    if summary.get("selected") is not None:
+        where = "per client" if local else f"round {summary['selected_round']}"
+        body.append([f"val-selected ({where})", *(_fmt(summary["selected"][key]) for key in METRIC_KEYS)])
+    else:
+        body.append(["val-selected", *("-" for _ in METRIC_KEYS)])
+    parts = [format_table(header, body)]
+
+    client_header, client_body = _client_table(summary)
+    if client_body:
+        parts.append(format_table(client_header, client_body))
+    parts.append(f"selection: {summary['selection']}")
+    return "\n\n".join(parts)
+
+
+def _client_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Per-client balanced accuracy columns present in the summary, with a mean row."""
+    columns: list[tuple[str, dict]] = []
+    if summary.get("mode") == "local":
+        columns.append(("local BA, own test", summary.get("per_client_final") or {}))
+        if summary.get("per_client_selected_round"):
+            columns.append(("val-selected round", summary["per_client_selected_round"]))
+        if summary.get("pooled_final"):
+            columns.append(("local BA, pooled test", summary["pooled_final"]))
+    else:
+        if summary.get("per_client_final"):
+            columns.append(("global BA, client test", summary["per_client_final"]))
+        if summary.get("per_client_local_final"):
+            columns.append(("local BA, client test", summary["per_client_local_final"]))
+    if not columns:
+        return [], []
+    clients = sorted({int(c) for _, values in columns for c in values})
+    header = ["client", *(name for name, _ in columns)]
+
+    def cell(name: str, values: dict, client: int) -> str:
+        value = values.get(client, values.get(str(client)))
+        if name == "val-selected round":
+            return "-" if value is None else str(value)
+        return _fmt(value)
+
+    body = [[str(c), *(cell(name, values, c) for name, values in columns)] for c in clients]
+    body.append(["mean", *("" if name == "val-selected round" else _fmt(_mean(values.values())) for name, values in columns)])
+    return header, body
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+
+
+def _figure(width: float, height: float) -> Any:
+    # The object-oriented API (no pyplot) keeps matplotlib's global backend and state untouched.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _png_bytes(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    low, high = ax.get_xlim()
+    if high - low < 2:  # a single round: MaxNLocator would fall back to fractional ticks
+        ax.set_xticks(range(math.ceil(low), math.floor(high) + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _plot_series(ax: Any, series: Series, label: str, **style: Any) -> None:
+    rounds = sorted(series)
+    values = [_value(series[r], "balanced_accuracy") for r in rounds]
+    ax.plot(rounds, [math.nan if v is None else v for v in values], marker="o", markersize=3, label=label, **style)
+
+
+def learning_curves_figure(rows: list[dict], summary: dict) -> Any:
+    """(left) pooled test/val BA of the global model, or the clients' mean for local runs;
+    (right) each client's test BA: global model on its split (solid), local model (dashed)."""
+    evals = _evaluation_rows(rows)
+    figure = _figure(11, 4)
+    left, right = figure.subplots(1, 2)
+    if summary["mode"] == "global":
+        for split, style in (("test", "-"), ("val", "--")):
+            series = _series(evals, scope="server", model="global", data="pooled", split=split, client=None)
+            if series:
+                _plot_series(left, series, f"pooled {split}", linestyle=style)
+        left.set_title("Global model, pooled data")
+        if summary.get("selected_round") is not None:
+            left.axvline(summary["selected_round"], color="grey", linestyle=":", label="val-selected round")
+    else:
+        for split, style in (("test", "-"), ("val", "--")):
+            per_round: dict[int, list[float]] = {}
+            for row in evals:
+                if row["scope"] == "client" and row["split"] == split and row_kind(row) == ("local", "client"):
+                    value = _value(row, "balanced_accuracy")
+                    if value is not None:
+                        per_round.setdefault(row["round"], []).append(value)
+            if per_round:
+                rounds = sorted(per_round)
+                means = [sum(per_round[r]) / len(per_round[r]) for r in rounds]
+                left.plot(rounds, means, marker="o", markersize=3, linestyle=style, label=f"mean {split}")
+        left.set_title("Local models, mean over clients (own splits)")
+
+    global_clients = _clients(evals, scope="server", model="global", data="client")
+    local_clients = _clients(evals, scope="client", model="local", data="client")
+    for index, client in enumerate(sorted(set(global_clients) | set(local_clients))):
+        colour = f"C{index % 10}"
+        glob = _series(evals, scope="server", model="global", data="client", split="test", client=client)
+        if glob:
+            _plot_series(right, glob, f"client {client}, global", color=colour, linestyle="-")
+        loc = _series(evals, scope="client", model="local", data="client", split="test", client=client)
+        if loc:
+            _plot_series(right, loc, f"client {client}, local", color=colour, linestyle="--")
+    right.set_title("Per client, own test split")
+    if not (global_clients or local_clients):
+        right.text(0.5, 0.5, "no per-client rows", ha="center", va="center", transform=right.transAxes)
+
+    for ax in (left, right):
+        _integer_rounds(ax)
+        ax.set_xlabel("round")
+        ax.set_ylabel("balanced accuracy")
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small", loc="best")
+    return figure
+
+
+def last_confusion_matrix(rows: list[dict]) -> tuple[int, list[list[float]]] | None:
+    """(round, matrix) of the latest pooled-test row of the global model carrying a matrix."""
+    evals = _evaluation_rows(rows)
+    series = _series(evals, scope="server", model="global", data="pooled", split="test", client=None)
+    for round_ in sorted(series, reverse=True):
+        matrix = series[round_].get("confusion_matrix")
+        if matrix:
+            if not all(isinstance(line, list) and len(line) == len(matrix) for line in matrix):
+                raise FedwardError(f"metrics row of round {round_}: confusion_matrix is not square; expected K lists of K counts")
+            return round_, matrix
+    return None
+
+
+def normalise_rows(matrix: list[list[float]]) -> list[list[float]]:
+    """Each row divided by its sum (recall per true class); an all-zero row stays zero."""
+    normalised = []
+    for line in matrix:
+        total = float(sum(line))
+        normalised.append([float(v) / total if total > 0 else 0.0 for v in line])
+    return normalised
+
+
+def confusion_matrix_figure(matrix: list[list[float]], round_: int, class_names: list[str] | None) -> Any:
+    """Row-normalised confusion matrix (rows = true class)."""
+    size = len(matrix)
+    names = [str(n) for n in class_names] if class_names and len(class_names) == size else [str(i) for i in range(size)]
+    values = normalise_rows(matrix)
+    side = max(4.0, 0.6 * size + 2)
+    figure = _figure(side, side)
+    ax = figure.subplots()
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(size), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(size), labels=names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Pooled test, round {round_} (normalised per true class)")
+    if size <= 12:
+        for i in range(size):
+            for j in range(size):
+                ax.text(j, i, f"{values[i][j]:.2f}", ha="center", va="center", fontsize=8, color="white" if values[i][j] > 0.5 else "black")
+    return figure
+
+
+def aggregation_weights(rows: list[dict]) -> tuple[list[int], list[int], list[list[float]]]:
+    """(rounds, clients, weights[round][client]); a client absent from a round has weight 0."""
+    by_round: dict[int, dict[int, float]] = {}
+    for row in rows:
+        if row.get("scope") != "aggregation" or not isinstance(row.get("round"), int):
+            continue
+        weights = row.get("weights") or []
+        clients = row.get("clients") or list(range(len(weights)))
+        if len(clients) != len(weights):
+            raise FedwardError(f"aggregation row of round {row['round']}: {len(clients)} clients but {len(weights)} weights; expected one weight per client")
+        by_round[row["round"]] = {int(c): float(w) for c, w in zip(clients, weights)}
+    rounds = sorted(by_round)
+    clients = sorted({c for weights in by_round.values() for c in weights})
+    return rounds, clients, [[by_round[r].get(c, 0.0) for c in clients] for r in rounds]
+
+
+def aggregation_weights_figure(rounds: list[int], clients: list[int], weights: list[list[float]]) -> Any:
+    """Stacked bars: each client's share of the aggregate, per round."""
+    figure = _figure(8, 4)
+    ax = figure.subplots()
+    bottoms = [0.0] * len(rounds)
+    width = 0.8 if len(rounds) < 50 else 1.0
+    for index, client in enumerate(clients):
+        heights = [weights[r][index] for r in range(len(rounds))]
+        ax.bar(rounds, heights, bottom=bottoms, width=width, label=f"client {client}", color=f"C{index % 10}")
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    _integer_rounds(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel("aggregation weight")
+    ax.set_title("Aggregation weights per client")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def config_value(config: dict, key: str) -> Any:
+    """``config[key]``, or the first value under ``key`` in a nested section; None if absent."""
+    if key in config:
+        return config[key]
+    for value in config.values():
+        if isinstance(value, dict):
+            found = config_value(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _as_run(run_dir: RunDirectory | str | os.PathLike[str]) -> RunDirectory:
+    if isinstance(run_dir, RunDirectory):
+        return run_dir
+    return RunDirectory.open_existing(run_dir, tensorboard=False)
+
+
+def write_report(run_dir: RunDirectory | str | os.PathLike[str]) -> Path:
+    """Write the PNG figures and a self-contained report.html into the run directory."""
+    run = _as_run(run_dir)
+    config = run.read_config() if run.config_path.is_file() else {}
+    rows = run.read_rows()
+    summary = summarize(rows)
+
+    figures: list[tuple[str, bytes]] = []
+
+    def add(title: str, name: str, figure: Any) -> None:
+        data = _png_bytes(figure)
+        atomic_write_bytes(run.path / name, data)
+        figures.append((title, data))
+
+    add("Learning curves", LEARNING_CURVES_PNG, learning_curves_figure(rows, summary))
+    found = last_confusion_matrix(rows)
+    if found is not None:
+        class_names = config_value(config, "class_names")
+        add("Confusion matrix", CONFUSION_MATRIX_PNG, confusion_matrix_figure(found[1], found[0], class_names))
+    rounds, clients, weights = aggregation_weights(rows)
+    if rounds:
+        add("Aggregation weights", AGGREGATION_WEIGHTS_PNG, aggregation_weights_figure(rounds, clients, weights))
+
+    atomic_write_text(run.report_path, _render_html(run, config, summary, figures))
+    return run.report_path
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    lines = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in line) + "</tr>" for line in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{lines}</tbody></table>"
+
+
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    "pre{background:#f6f6f6;padding:1em;overflow:auto}.note{color:#555}"
+)
+
+
+def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[tuple[str, bytes]]) -> str:
+    name = html.escape(run.name)
+    method = config_value(config, "method")
+    loss = config_value(config, "loss_fn_name")
+    header = ["", *(METRIC_LABELS[key] for key in METRIC_KEYS)]
+    body = [[f"final (round {summary['final_round']})", *(_fmt(summary["final"][k]) for k in METRIC_KEYS)]]
+    if summary.get("selected") is not None:
+        where = "per client" if summary["mode"] == "local" else f"round {summary['selected_round']}"
+        body.append([f"val-selected ({where})", *(_fmt(summary["selected"][k]) for k in METRIC_KEYS)])
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>fedward report: {name}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>fedward run {name}</h1>",
+        f"<p>method: <b>{html.escape(str(method or '-'))}</b>, loss: <b>{html.escape(str(loss or '-'))}</b>, "
+        f"final round: {summary['final_round']}</p>",
+        "<h2>Summary</h2>",
+        _html_table(header, body),
+        f"<p class='note'>{html.escape(summary['selection'])}</p>",
+    ]
+    client_header, client_body = _client_table(summary)
+    if client_body:
+        parts += ["<h2>Per client (balanced accuracy)</h2>", _html_table(client_header, client_body)]
+    for title, data in figures:
+        encoded = base64.b64encode(data).decode("ascii")
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>")
+    config_text = yaml.safe_dump(config, sort_keys=False) if config else "(no config.yaml)"
+    parts += ["<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+
+
+def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None) -> str:
+    """A plain-text table comparing runs, and ``comparison.png`` (bars) in ``out_dir``.
+
+    ``out_dir`` defaults to the parent of the first run directory.
+    """
+    if not run_dirs:
+        raise FedwardError("compare needs at least one run directory")
+    runs = [_as_run(r) for r in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # same folder name under different parents
+        names = [str(run.path) for run in runs]
+    header = ["run", "method", "loss", "final test BA", "val-sel. round", "val-sel. test BA", "mean client BA"]
+    body: list[list[str]] = []
+    bars: list[tuple[str, float | None, float | None, float | None]] = []
+    any_local = False
+    for name, run in zip(names, runs):
+        config = run.read_config()
+        summary = summarize(run.read_rows())
+        local = summary["mode"] == "local"
+        any_local |= local
+        selected_ba = summary["selected"]["balanced_accuracy"] if summary.get("selected") else None
+        if local:
+            selected_round = "per client" if summary.get("selected") else "-"
+        else:
+            selected_round = "-" if summary["selected_round"] is None else str(summary["selected_round"])
+        final_ba = summary["final"]["balanced_accuracy"]
+        body.append([
+            name,
+            str(config_value(config, "method") or "-"),
+            str(config_value(config, "loss_fn_name") or "-"),
+            _fmt(final_ba) + ("*" if local else ""),
+            selected_round,
+            _fmt(selected_ba),
+            _fmt(summary["mean_client_final"]),
+        ])
+        bars.append((name, final_ba, selected_ba, summary["mean_client_final"]))
+    table = format_table(header, body, left_columns=3)
+    if any_local:
+        table += "\n* no global model: mean over clients of each local model's balanced accuracy on its own test split"
+
+    target = Path(out_dir) if out_dir is not None else runs[0].path.resolve().parent
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target / COMPARISON_PNG, _png_bytes(comparison_figure(bars)))
+    return table
+
+
+def comparison_figure(bars: list[tuple[str, float | None, float | None, float | None]]) -> Any:
+    """Grouped bars per run: final test BA, val-selected test BA, mean client BA."""
+    figure = _figure(max(6.0, 1.6 * len(bars) + 2), 4)
+    ax = figure.subplots()
+    labels = ("final test BA", "val-selected test BA", "mean client BA")
+    width = 0.8 / len(labels)
+    for k, label in enumerate(labels):
+        xs = [i + (k - 1) * width for i in range(len(bars))]
+        heights = [0.0 if bar[k + 1] is None else bar[k + 1] for bar in bars]
+        ax.bar(xs, heights, width=width, label=label, color=f"C{k}")
+    ax.set_xticks(range(len(bars)), labels=[bar[0] for bar in bars], rotation=20, ha="right")
+    ax.set_ylabel("balanced accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure

@@ -1,0 +1,88 @@
+"""The command line: the issue's example command, reference flags, and one-line errors (exit 2)
+that leave no run directory behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedward.cli import main
+from fedward.engine import checkpoint as ckpt
+from fedward.errors import CheckpointError
+from fedward.tracking import RunDirectory
+
+TINY_FLAGS = ["--model", "smallcnn", "--image_size", "16", "--data_scale", "0.03", "--progress", "false", "--threads", "1"]
+
+
+def test_issue_example_command_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--method", "fedavg", "--client_number", "6", "--comm_round", "2", "--lr", "0.0003",
+                 "--epochs", "1", "--batch_size", "64", "--loss_fn_name", "BSM", "--adam", "--validate_client",
+                 "--output", str(out), *TINY_FLAGS])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "balanced" in printed.lower() and str(out) in printed
+    saved = RunDirectory.open_existing(out).read_config()
+    assert saved["adam"] is True and saved["loss_fn_name"] == "BSM" and saved["validate_client"] is True
+
+
+def test_reference_only_flags_are_accepted_or_mapped(tmp_path, capsys):
+    out = tmp_path / "ref"
+    code = main(["run", "--method", "fedavg", "--thread_number", "6", "--gpu", "0,1,3", "--fold", "1",
+                 "--update_projector_head", "both", "--partition_method", "homo", "--partition_alpha", "0",
+                 "--data_dir", str(tmp_path / "data/Flamby_isic"), "--comm_round", "1", "--output", str(out),
+                 *TINY_FLAGS])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "does not exist: using the built-in synthetic data set" in err
+    assert "natural centres" in err
+    if not torch.cuda.is_available():
+        assert "running on the CPU" in err
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--method", "fedsgd"], "--method 'fedsgd' is unknown"),
+    (["--loss_fn_name", "dice"], "dice"),
+    (["--model", "vgg11"], "unknown model 'vgg11'"),
+    (["--distill_u", "1"], "--distill_u is not accepted"),
+    (["--comm_rounds", "3"], "unknown flag --comm_rounds"),
+    (["--pre_trained_tv"], "resnet18-f37072fd.pth"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--partition_method", "natural", "--client_number", "4"], "6 natural centres"),
+])
+def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, capsys, argv, text):
+    out = tmp_path / "never"
+    base = ["run", "--output", str(out), *TINY_FLAGS]
+    if "--model" in argv or "--pre_trained_tv" in argv:
+        base = ["run", "--output", str(out), "--image_size", "16", "--data_scale", "0.03", "--progress", "false",
+                "--threads", "1"]
+    code = main([*base, *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert text in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_resume_refuses_a_checkpoint_for_other_classes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--comm_round", "1", "--output", str(out), *TINY_FLAGS]) == 0
+    run_dir = RunDirectory.open_existing(out)
+    payload = torch.load(ckpt.path_of(run_dir), weights_only=False)
+    payload["num_classes"] = 3
+    torch.save(payload, ckpt.path_of(run_dir))
+    with pytest.raises(CheckpointError, match="trained for 3 classes but the data has 8"):
+        ckpt.load(run_dir, expected_num_classes=8)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out)]) == 2
+    assert "3 classes" in capsys.readouterr().err
+
+
+def test_report_command_compares_runs(tmp_path, capsys):
+    for name, loss in (("ce", "CE"), ("bsm", "BSM")):
+        assert main(["run", "--comm_round", "1", "--loss_fn_name", loss, "--output", str(tmp_path / name),
+                     *TINY_FLAGS]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "ce"), str(tmp_path / "bsm"), "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "BSM" in table and "CE" in table
+    assert (tmp_path / "ce" / "report.html").is_file()

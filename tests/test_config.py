@@ -1,0 +1,47 @@
+import pytest
+
+from fedward.config import RunConfig, build_config, load_yaml
+from fedward.errors import ConfigError
+
+
+def test_seed_flag_names_and_case_insensitive_values():
+    cfg = build_config({"method": "FedAvg", "client_number": "6", "comm_round": "3", "lr": "0.0003", "adam": "true",
+                        "loss_fn_name": "BSM", "aggregate_method": "AVG"})
+    assert (cfg.method, cfg.client_number, cfg.comm_round, cfg.lr, cfg.adam) == ("fedavg", 6, 3, 0.0003, True)
+    assert cfg.aggregate_method == "avg"
+
+
+@pytest.mark.parametrize("values, text", [
+    ({"method": "fedsgd"}, "--method 'fedsgd' is unknown; expected one of"),
+    ({"method": "fedmas"}, "Fed-MAS"),
+    ({"comm_round": 0}, "--comm_round must be at least 1, got 0"),
+    ({"lr": "fast"}, "'lr' must be float, got 'fast'"),
+    ({"epochs": 1.5}, "'epochs' must be int, got 1.5"),
+    ({"adam": "maybe"}, "'adam' must be bool"),
+    ({"partition_method": "hetero", "partition_alpha": 0}, "partition_alpha must be > 0"),
+    ({"partition_method": "random"}, "--partition_method 'random' is unknown"),
+    ({"aggregate_method": "mas"}, "needs --method fedmas"),
+])
+def test_bad_values_name_the_key(values, text):
+    with pytest.raises(ConfigError) as err:
+        build_config(values)
+    assert text in str(err.value)
+
+
+def test_yaml_file_round_trip_and_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: fedprox\nmu: 0.01\nclass_names: [a, b]\n")
+    assert load_yaml(path) == {"method": "fedprox", "mu": 0.01}
+    (tmp_path / "dead.yaml").write_text("distill_u: 1\n")
+    with pytest.raises(ConfigError, match="distill_u.*not accepted"):
+        load_yaml(tmp_path / "dead.yaml")
+    (tmp_path / "typo.yaml").write_text("comm_rounds: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'comm_rounds'"):
+        load_yaml(tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_defaults_follow_the_reference():
+    cfg = RunConfig()
+    assert cfg.persist_optimizer_state and cfg.bn_policy == "average" and cfg.mu == 0.45
