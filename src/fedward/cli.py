@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from fedward import __version__
-from fedward.config import DEAD_REFERENCE_FLAGS, FIELD_NAMES, INFO_KEYS, RunConfig, build_config, config_help, load_yaml
+from fedward.config import DEAD_REFERENCE_FLAGS, FIELD_NAMES, RunConfig, build_config, config_help, load_yaml
 from fedward.errors import ConfigError, FedwardError
 
 BOOL_FIELDS = {name for name, f in RunConfig.__dataclass_fields__.items() if str(f.type).startswith("bool")}
@@ -62,14 +60,8 @@ def _reject_dead_flags(unknown: Sequence[str]) -> None:
         raise ConfigError(f"unexpected argument(s): {' '.join(unknown)}")
 
 
-def default_output(cfg: RunConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}"
-
-
 def command_run(args: argparse.Namespace) -> int:
-    from fedward.engine.setup import initial_global_state, load_data, model_builder, resolve_devices, task_spec
-    from fedward.engine.simulation import print_summary, run
+    from fedward.engine.simulation import prepare, print_summary, run
     from fedward.tracking import RunDirectory
 
     flags = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
@@ -89,16 +81,7 @@ def command_run(args: argparse.Namespace) -> int:
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
     values.update(flags)
     cfg = build_config(values)
-    # Everything that can fail on bad input is checked before the run directory exists.
-    resolve_devices(cfg)
-    data = load_data(cfg)
-    spec = task_spec(data)
-    initial_global_state(cfg, model_builder(cfg, spec))
-    output = Path(cfg.output) if cfg.output else default_output(cfg)
-    cfg.output = str(output)
-    run_dir = RunDirectory.create(output)
-    run_dir.write_config({**cfg.to_dict(), "class_names": spec.class_names,
-                          "client_names": [c.name for c in data.clients], "fedward_version": __version__})
+    run_dir, data = prepare(cfg)
     try:
         summary = run(cfg, run_dir, data=data)
     except KeyboardInterrupt:

@@ -82,6 +82,9 @@ class RunConfig:
     val_fraction: float = 0.1
     fold: int = 1
     augment: bool = True
+    # Blur strength relative to the reference, which blurs the ~1024 px ISIC original before resizing
+    # to 224 (an effective scale of about 224/1024); None: image_size / 1024, the same relative blur.
+    blur_scale: float | None = None
     # -- evaluation
     validate_client: bool = False
     eval_every: int = 1  # evaluate every N rounds (the last round always); 0: only the last
@@ -188,6 +191,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
     _require(0 < cfg.data_scale <= 1, f"--data_scale must be in (0, 1], got {cfg.data_scale}")
     _require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    _require(cfg.blur_scale is None or cfg.blur_scale > 0, f"--blur_scale must be positive, got {cfg.blur_scale}")
     _require(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
     _require(cfg.eval_every >= 0, f"--eval_every must be >= 0, got {cfg.eval_every}")
     _require(cfg.checkpoint_every >= 1, f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
@@ -243,6 +247,7 @@ def config_help() -> dict[str, str]:
         "val_fraction": "fraction of each client's train data held out for validation",
         "fold": "data fold (the reference ships fold 1 only)",
         "augment": "batched train augmentation of the reference (flips, blur, rotation)",
+        "blur_scale": "blur sigma/kernel factor (default image_size/1024: the reference's blur of ~1024 px originals)",
         "validate_client": "also evaluate each client's local model on its own splits every round",
         "eval_every": "evaluate every N rounds (the last round always)",
         "eval_batch_size": "evaluation batch size",

@@ -192,16 +192,32 @@ class BatchAugment:
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"BatchAugment expects uint8 (B, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         params = {k: v.to(images_uint8.device) for k, v in self.draw(len(images_uint8), generator).items()}
-        images = images_uint8.float() / 255.0
-        if self.hflip:
-            images = torch.where(params["hflip"][:, None, None, None], images.flip(-1), images)
-        if self.vflip:
-            images = torch.where(params["vflip"][:, None, None, None], images.flip(-2), images)
+        batch, channels, height, width = images_uint8.shape
+        images = images_uint8.float()
+        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device)
+        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device)
+        # 1 / (255 std) is folded into the blur (or applied alone); rotation is linear with zero
+        # fill, so subtracting mean / std last gives exactly (rotated / 255 - mean) / std.
+        scale = 1.0 / (255.0 * std)
         if self.blur:
-            images = gaussian_blur(images, params["sigma"], self.kernel_size)
+            along_w = blur_matrices(width, gaussian_kernel1d(self.kernel_size[0], params["sigma"].to(images.dtype)))
+            along_h = blur_matrices(height, gaussian_kernel1d(self.kernel_size[1], params["sigma"].to(images.dtype)))
+            # Flip-then-blur is the blur matrix with its columns reversed: the flips cost nothing.
+            if self.hflip:
+                along_w = torch.where(params["hflip"][:, None, None], along_w.flip(-1), along_w)
+            if self.vflip:
+                along_h = torch.where(params["vflip"][:, None, None], along_h.flip(-1), along_h)
+            images = (images.reshape(batch, channels * height, width) @ along_w.transpose(1, 2)).reshape(images.shape)
+            images = (along_h[:, None] * scale[None, :, None, None]) @ images
+        else:
+            if self.hflip:
+                images = torch.where(params["hflip"][:, None, None, None], images.flip(-1), images)
+            if self.vflip:
+                images = torch.where(params["vflip"][:, None, None, None], images.flip(-2), images)
+            images = images * scale[:, None, None]
         if self.rotation:
             images = rotate(images, params["angle"], self.rotation_interpolation)
-        return _normalize_unit(images, self.mean, self.std)
+        return images.sub_((mean / std)[:, None, None])
 
 
 def _blur_pil_like_torchvision(image: Image.Image, sigma: float, kernel_size: tuple[int, int]) -> Image.Image:

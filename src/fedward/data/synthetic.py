@@ -95,6 +95,9 @@ CLASS_PROTOTYPES = torch.tensor(
 )
 CONFUSABLE_PAIRS = ((0, 1), (4, 3), (2, 7))
 FEATURE_SCALE = torch.tensor([0.07, 0.07, 0.07, 0.07, 0.07, 0.07, 0.12, 0.07, 0.12, 0.06, 0.08, 0.25, 0.03])
+# Colour jitter moves along luminance, redness and blue-grey axes rather than R, G and B
+# independently (which would give green and purple lesions); columns are the axes.
+COLOUR_AXES = torch.tensor([[0.80, 0.60, -0.20], [0.80, -0.20, -0.10], [0.80, -0.40, 0.50]])
 FEATURE_MIN = torch.tensor([0.0] * 6 + [0.0, 0.12, 1.0, 0.0, 0.0, 0.0, 0.01])
 FEATURE_MAX = torch.tensor([1.0] * 6 + [1.0, 0.80, 2.0, 0.5, 0.6, 1.0, 0.20])
 
@@ -154,8 +157,8 @@ def class_prototypes(class_overlap: float) -> torch.Tensor:
 
 def appearance_modes(seed: int, knobs: dict) -> torch.Tensor:
     """(NUM_CLASSES, num_modes, F) mode centres around the class prototypes."""
-    rng = numpy_generator(seed, NAME, "modes")
-    offsets = torch.from_numpy(rng.standard_normal((NUM_CLASSES, knobs["num_modes"], len(FEATURES)))).float()
+    generator = torch_generator(seed, NAME, "modes")
+    offsets = feature_noise(NUM_CLASSES * knobs["num_modes"], generator).reshape(NUM_CLASSES, knobs["num_modes"], -1)
     modes = class_prototypes(knobs["class_overlap"])[:, None, :] + knobs["mode_spread"] * FEATURE_SCALE * offsets
     return modes.clamp(FEATURE_MIN, FEATURE_MAX)
 
@@ -167,6 +170,13 @@ def hospital_mode_mixtures(seed: int, knobs: dict) -> torch.Tensor:
         rng = numpy_generator(seed, NAME, "mixture", centre)
         mixtures[centre] = rng.dirichlet(np.full(knobs["num_modes"], knobs["mode_concentration"]), size=NUM_CLASSES)
     return torch.from_numpy(mixtures).float()
+
+
+def feature_noise(count: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, F) standard noise for the lesion features, colours mixed along COLOUR_AXES."""
+    noise = torch.randn(count, len(FEATURES), generator=generator)
+    colours = noise[:, :6].reshape(count, 2, 3) @ COLOUR_AXES.T
+    return torch.cat([colours.reshape(count, 6), noise[:, 6:]], dim=1)
 
 
 def _shifted(value: float, neutral: float, shift: float) -> float:
@@ -264,10 +274,11 @@ def generate_split(
     if len(labels) == 0:
         return Split(torch.zeros(0, 3, size, size, dtype=torch.uint8), labels)
     mode_index = torch.multinomial(mixtures[centre][labels], 1, generator=generator).squeeze(1)
-    jitter = knobs["appearance_noise"] * FEATURE_SCALE * torch.randn(len(labels), len(FEATURES), generator=generator)
+    jitter = knobs["appearance_noise"] * FEATURE_SCALE * feature_noise(len(labels), generator)
     features = (modes[labels, mode_index] + jitter).clamp(FEATURE_MIN, FEATURE_MAX)
     profile = {**acquisition_profile(centre, knobs["hospital_shift"]), "sensor_noise": knobs["sensor_noise"]}
-    skin = (profile["skin"] + 0.05 * torch.randn(len(labels), 3, generator=generator)).clamp(0, 1)
+    skin_noise = torch.randn(len(labels), 3, generator=generator) @ COLOUR_AXES.T
+    skin = (profile["skin"] + 0.04 * skin_noise).clamp(0, 1)
     chunks = []
     for start in range(0, len(labels), RENDER_CHUNK):
         stop = min(start + RENDER_CHUNK, len(labels))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -70,7 +71,9 @@ class Simulation:
     def workspace(self) -> Workspace:
         if self._workspace is None:
             mean, std = self.spec.mean, self.spec.std
-            augment = BatchAugment(mean=mean, std=std) if self.cfg.augment else _Normalize(mean, std)
+            blur_scale = self.cfg.blur_scale or self.spec.image_size / 1024
+            augment = (BatchAugment(mean=mean, std=std, blur_scale=blur_scale) if self.cfg.augment
+                       else _Normalize(mean, std))
             self._workspace = Workspace(self.build_model, self.device, augment)
         return self._workspace
 
@@ -140,6 +143,24 @@ class _Normalize:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
+
+
+def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, FederatedData]:
+    """Check everything that can fail on bad input (devices, data, model, weights files), then
+    create the run directory and write its config.yaml. Nothing is written if a check fails."""
+    from fedward import __version__
+
+    resolve_devices(cfg)
+    data = load_data(cfg)
+    spec = task_spec(data)
+    initial_global_state(cfg, model_builder(cfg, spec))
+    if not cfg.output:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}")
+    run_dir = RunDirectory.create(Path(cfg.output), overwrite=overwrite)
+    run_dir.write_config({**cfg.to_dict(), "class_names": spec.class_names,
+                          "client_names": [c.name for c in data.clients], "fedward_version": __version__})
+    return run_dir, data
 
 
 def evaluation_round(cfg: RunConfig, round_index: int) -> bool:
