@@ -67,7 +67,7 @@ class RunConfig:
     bn_policy: str = "average"  # "average": whole state dict (reference); "local": FedBN/FLamby
     # -- model
     model: str = "resnet18"
-    stem: str = "auto"
+    stem: str = "imagenet"  # torchvision's stem; "auto" picks a finer stem for small images (slower on CPU)
     pre_trained_tv: str | None = None  # None: off; "default": torchvision's cache path; else a file
     # -- data
     dataset: str = "synthetic"
@@ -233,7 +233,7 @@ def config_help() -> dict[str, str]:
         "grad_clip": "gradient-norm clip (default: 5 for moon, none otherwise, as the reference)",
         "bn_policy": "BatchNorm statistics: 'average' (whole state dict, reference) or 'local' (FedBN/FLamby)",
         "model": "model name from the registry (fedward models)",
-        "stem": "ResNet stem: auto, imagenet, medium, small",
+        "stem": "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer and slower for small images)",
         "pre_trained_tv": "initialise the backbone from torchvision ImageNet weights: a file, or no value for torchvision's cache path",
         "dataset": "data set name (built-in: synthetic)",
         "data_seed": "seed of the generated data set and its partition (--seed varies training only)",

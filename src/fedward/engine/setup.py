@@ -19,7 +19,7 @@ from fedward.data.partition import repartition
 from fedward.data.types import ClientData, FederatedData
 from fedward.errors import ConfigError
 from fedward.losses import build_loss
-from fedward.models import get_model
+from fedward.models import get_model, model_options
 from fedward.models.heads import ProjectionModel, use_cosine_classifier
 from fedward.models.pretrained import load_pretrained_backbone
 from fedward.seeding import seed_globals
@@ -99,7 +99,8 @@ def pooled_client(data: FederatedData) -> ClientData:
 def model_builder(cfg: RunConfig, spec: TaskSpec) -> Callable[[], nn.Module]:
     """A function that builds the method's model (backbone, MOON head, LDAM cosine classifier)."""
     cosine = build_loss(cfg.loss_fn_name, [1] * spec.num_classes).needs_cosine_classifier
-    kwargs = {} if cfg.stem == "auto" else {"stem": cfg.stem}
+    # The stem applies to the ResNets; models without one (smallcnn) ignore the setting.
+    kwargs = {"stem": cfg.stem} if "stem" in model_options(cfg.model) else {}
 
     def build() -> nn.Module:
         model = get_model(cfg.model, num_classes=spec.num_classes, image_size=spec.image_size, **kwargs)

@@ -9,7 +9,14 @@ from fedward.models import bottleneck, resnet, small_cnn  # noqa: F401  (import 
 from fedward.models.bottleneck import BLOCKS_PER_STAGE, NarrowBottleneck
 from fedward.models.heads import CosineClassifier, ProjectionModel, use_cosine_classifier
 from fedward.models.pretrained import TORCHVISION_FILES, default_weights_path, load_pretrained_backbone
-from fedward.models.registry import FeatureClassifier, get_model, init_weights, list_models, register_model
+from fedward.models.registry import (
+    FeatureClassifier,
+    get_model,
+    init_weights,
+    list_models,
+    model_options,
+    register_model,
+)
 from fedward.models.resnet import BasicBlock, Bottleneck, ResNet, resolve_stem
 from fedward.models.small_cnn import SmallCNN
 
@@ -29,6 +36,7 @@ __all__ = [
     "init_weights",
     "list_models",
     "load_pretrained_backbone",
+    "model_options",
     "register_model",
     "resolve_stem",
     "use_cosine_classifier",

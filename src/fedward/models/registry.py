@@ -89,6 +89,13 @@ def _check_positive_int(value: object, what: str) -> int:
     return value
 
 
+def model_options(name: str) -> list[str]:
+    """The options a registered model's builder takes beyond the common arguments (e.g. ``stem``)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(list_models())}")
+    return [p for p in inspect.signature(_REGISTRY[name]).parameters if p not in _COMMON_ARGS]
+
+
 def _check_options(name: str, builder: Builder, options: dict[str, object]) -> None:
     """Unknown model options become a ConfigError instead of a TypeError deep inside the builder."""
     accepted = [p for p in inspect.signature(builder).parameters if p not in _COMMON_ARGS]
