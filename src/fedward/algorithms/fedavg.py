@@ -3,6 +3,7 @@ that FedProx, MOON, local and centralized training share."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -100,7 +101,8 @@ class FedAvg(Algorithm):
         loss_fn.start_round(message.round - 1, cfg.comm_round)
         optimizer = make_optimizer(cfg, model.parameters())
         if cfg.persist_optimizer_state and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
+            # A copy: the saved state must stay as it was (the checkpoint may still be writing it).
+            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         steps, mean_loss = train_local(
             ws, model, client, epochs=cfg.epochs, batch_size=cfg.batch_size, loss_fn=loss_fn, optimizer=optimizer,
             generator=generator, forward=self.forward_fn(ws, message, state),

@@ -6,6 +6,7 @@ so a resumed round draws what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -43,3 +44,37 @@ def load(run_dir: RunDirectory, *, expected_num_classes: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} was trained for {payload['num_classes']} classes but the data "
                               f"has {expected_num_classes}")
     return payload
+
+
+class BackgroundSaver:
+    """Writes each round's checkpoint in a background thread while the next round trains.
+
+    Safe because nothing saved is mutated afterwards: aggregation makes a new global state every
+    round, and clients replace (never modify in place) what they keep in their state. At most one
+    write is in flight; ``wait`` returns once the last one is on disk (a run waits before it ends
+    or raises, so an interrupted run always finds its last completed round).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, run_dir: RunDirectory, **payload: Any) -> None:
+        self.wait()
+
+        def work() -> None:
+            try:
+                save(run_dir, **payload)
+            except BaseException as err:  # surfaced by the next wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=work, name="fedward-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

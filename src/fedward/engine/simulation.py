@@ -199,6 +199,7 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
     evaluate_local = cfg.validate_client or algorithm.personalised
     rounds = tqdm(range(start_round + 1, cfg.comm_round + 1), desc=f"{cfg.method} rounds", unit="round",
                   initial=start_round, total=cfg.comm_round, disable=not cfg.progress, dynamic_ncols=True)
+    saver = ckpt.BackgroundSaver()
     try:
         for round_index in rounds:
             t0 = time.perf_counter()
@@ -221,12 +222,13 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
                 rows.extend(sim.global_rows(round_index, global_state))
             run_dir.log_rows(rows)
             if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
-                ckpt.save(run_dir, round=round_index, global_state=global_state, client_states=client_states,
-                          server_state=server_state, num_classes=sim.spec.num_classes)
+                saver.submit(run_dir, round=round_index, global_state=global_state, client_states=list(client_states),
+                             server_state=dict(server_state), num_classes=sim.spec.num_classes)
             rounds.set_postfix(_postfix(rows, train_seconds))
             if on_round_end is not None:
                 on_round_end(round_index)
     finally:
+        saver.wait()
         executor.close()
         rounds.close()
     return finish(cfg, run_dir, sim, global_state, client_states)

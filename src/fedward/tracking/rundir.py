@@ -66,13 +66,34 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` that never leaves a half-written file (temporary file + ``os.replace``)."""
+    """``torch.save`` that never leaves a half-written file (temporary file + ``os.replace``).
+
+    The zip records' CRC-32 is skipped: it is most of the CPU cost of saving (1.8 s vs 0.4 s for a
+    570 MB checkpoint on our 2-core machine), and the atomic replace already rules out torn files.
+    """
     import torch
 
     target = Path(path)
-    with _atomic_target(target) as handle:
-        torch.save(obj, handle)
+    save_config = _torch_save_config()
+    previous = save_config.compute_crc32 if save_config is not None else None
+    try:
+        if save_config is not None:
+            save_config.compute_crc32 = False
+        with _atomic_target(target) as handle:
+            torch.save(obj, handle)
+    finally:
+        if save_config is not None:
+            save_config.compute_crc32 = previous
     return target
+
+
+def _torch_save_config() -> Any:
+    """torch's serialization save settings (torch >= 2.6), or None on older versions."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return None
+    return config.save if hasattr(config.save, "compute_crc32") else None
 
 
 @contextlib.contextmanager
