@@ -86,3 +86,13 @@ def test_report_command_compares_runs(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "BSM" in table and "CE" in table
     assert (tmp_path / "ce" / "report.html").is_file()
+
+
+def test_dirichlet_repartition_from_the_command_line(tmp_path):
+    out = tmp_path / "hetero"
+    assert main(["run", "--partition_method", "hetero", "--partition_alpha", "0.5", "--client_number", "4",
+                 "--comm_round", "1", "--output", str(out), *TINY_FLAGS]) == 0
+    saved = RunDirectory.open_existing(out).read_config()
+    assert saved["client_names"] == ["client_0", "client_1", "client_2", "client_3"]
+    (agg,) = [r for r in RunDirectory.open_existing(out).read_rows() if r["scope"] == "aggregation"]
+    assert agg["clients"] == [0, 1, 2, 3]

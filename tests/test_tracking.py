@@ -162,15 +162,6 @@ def test_atomic_write_bytes_replaces_content(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["blob.bin"]
 
 
-def test_list_checkpoints_sorted_by_round(tmp_path: Path) -> None:
-    run = RunDirectory.create(tmp_path / "run", tensorboard=False)
-    for round_ in (10, 2):
-        atomic_torch_save({"round": round_}, run.checkpoint_path(round_))
-    (run.checkpoints_dir / "notes.txt").write_text("not a checkpoint")
-    assert [r for r, _ in run.list_checkpoints()] == [2, 10]
-    assert run.list_checkpoints()[0][1].name == "round_0002.pt"
-
-
 # ---- TensorBoard
 
 

@@ -56,7 +56,7 @@ TEST_COUNTS = (
 )
 
 # Bump whenever a change alters the generated pixels: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 RENDER_CHUNK = 256  # images rendered at once; fixed, because the noise streams are drawn per chunk
 
 DEFAULT_DIFFICULTY: dict[str, float] = {
@@ -65,11 +65,11 @@ DEFAULT_DIFFICULTY: dict[str, float] = {
     # Per-image jitter of every lesion feature, as a multiple of FEATURE_SCALE.
     "appearance_noise": 1.0,
     # Appearance modes per class, and how far modes lie from the class prototype (x FEATURE_SCALE).
-    "num_modes": 3,
-    "mode_spread": 1.0,
+    "num_modes": 4,
+    "mode_spread": 1.5,
     # Dirichlet concentration of each hospital's mixture over a class's modes: small = each
     # hospital sees mostly one mode, large = all hospitals see the same mixture.
-    "mode_concentration": 0.5,
+    "mode_concentration": 0.2,
     # 0: every hospital has the same skin population and acquisition; 1: the profiles below.
     "hospital_shift": 1.0,
     # Multiplier on every hospital's sensor noise level.

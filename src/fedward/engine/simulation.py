@@ -260,12 +260,10 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
             "mean": list(sim.spec.mean), "std": list(sim.spec.std)}
     if sim.algorithm.personalised:
         # Personalised models stay with their clients; in simulation the "client side" is this folder.
-        folder = run_dir.path / "final_models"
-        folder.mkdir(exist_ok=True)
         for k, state in enumerate(client_states):
             local = sim.algorithm.local_model_state(ClientReply(k, {}, {}), state)
             if local is not None:
-                torch.save({**meta, "client": k, "state_dict": local}, folder / f"client_{k}.pt")
+                torch.save({**meta, "client": k, "state_dict": local}, run_dir.client_model_path(k))
     else:
         torch.save({**meta, "state_dict": global_state}, run_dir.final_model_path)
     summary = summarize(run_dir.read_rows())

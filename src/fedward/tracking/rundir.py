@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,7 +38,6 @@ EVAL_SCOPES = ("server", "client")
 EVAL_ROW_KEYS = ("round", "scope", "client", "split", "balanced_accuracy", "accuracy", "macro_f1", "loss", "n")
 # Identifying fields: never written to TensorBoard as scalars.
 _ID_KEYS = frozenset({"round", "scope", "client", "clients", "model", "data", "split", "n"})
-_CHECKPOINT_RE = re.compile(r"^round_(\d+)\.pt$")
 # Read once at import (os.umask can only be read by setting it, which is not thread-safe later).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -325,21 +323,6 @@ class RunDirectory:
     def client_model_path(self, client: int) -> Path:
         """Final model of one client, for personalised methods."""
         return self._path / f"final_model_client_{client}.pt"
-
-    def checkpoint_path(self, round_: int) -> Path:
-        """Checkpoint written after round ``round_`` (1-based)."""
-        return self.checkpoints_dir / f"round_{round_:04d}.pt"
-
-    def list_checkpoints(self) -> list[tuple[int, Path]]:
-        """(round, path) of every checkpoint, oldest first."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        found = []
-        for entry in self.checkpoints_dir.iterdir():
-            match = _CHECKPOINT_RE.match(entry.name)
-            if match and entry.is_file():
-                found.append((int(match.group(1)), entry))
-        return sorted(found)
 
     # ---- config
 
