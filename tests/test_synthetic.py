@@ -27,7 +27,7 @@ TEST_AT_005 = [
     [2, 3, 0, 0, 2, 0, 0, 0],
     [1, 4, 0, 0, 1, 0, 1, 0],
 ]
-SMALL = {"scale": 0.05, "image_size": 16}
+SMALL = {"scale": 0.05, "image_size": 8}
 
 
 def _same(a: FederatedData, b: FederatedData) -> bool:
@@ -61,13 +61,13 @@ def test_val_is_carved_from_train_stratified(tmp_path):
 
 
 def test_shapes_dtypes_and_metadata(small):
-    assert small.num_clients == 6 and small.num_classes == 8 and small.image_size == 16
+    assert small.num_clients == 6 and small.num_classes == 8 and small.image_size == 8
     assert [c.name for c in small.clients] == synthetic.CLIENT_NAMES
     for client in small.clients:
         for split in (client.train, client.val, client.test):
             assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
-            assert split.images.shape[1:] == (3, 16, 16)
-    assert small.clients[0].val.images.shape == (0, 3, 16, 16)
+            assert split.images.shape[1:] == (3, 8, 8)
+    assert small.clients[0].val.images.shape == (0, 3, 8, 8)
     assert small.mean == (0.485, 0.456, 0.406) and small.std == (0.229, 0.224, 0.225)
     assert small.info["source"] == "synthetic" and small.info["seed"] == 3 and small.info["scale"] == 0.05
     assert small.info["difficulty"]["num_modes"] == synthetic.DEFAULT_DIFFICULTY["num_modes"]

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -300,7 +302,24 @@ def cache_path(cache_dir: Path, params: dict) -> Path:
     return cache_dir / f"{NAME}-{digest}.pt"
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops on one thread: generation is many small memory-bound ops, which gain nothing
+    from intra-op threads and slow down several-fold when the cores are busy (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _generate_all(params: dict) -> list[dict[str, Split]]:
+    with _one_thread():
+        return _generate_splits(params)
+
+
+def _generate_splits(params: dict) -> list[dict[str, Split]]:
     knobs = params["difficulty"]
     modes = appearance_modes(params["seed"], knobs)
     mixtures = hospital_mode_mixtures(params["seed"], knobs)

@@ -313,9 +313,13 @@ def _plot_series(ax: Any, series: Series, label: str, **style: Any) -> None:
     ax.plot(rounds, [math.nan if v is None else v for v in values], marker="o", markersize=3, label=label, **style)
 
 
-def learning_curves_figure(rows: list[dict], summary: dict) -> Any:
+def learning_curves_figure(rows: list[dict], summary: dict, client_names: list[str] | None = None) -> Any:
     """(left) pooled test/val BA of the global model, or the clients' mean for local runs;
     (right) each client's test BA: global model on its split (solid), local model (dashed)."""
+
+    def name(client: int) -> str:
+        return client_names[client] if client_names and 0 <= client < len(client_names) else f"client {client}"
+
     evals = _evaluation_rows(rows)
     figure = _figure(11, 4)
     left, right = figure.subplots(1, 2)
@@ -347,10 +351,10 @@ def learning_curves_figure(rows: list[dict], summary: dict) -> Any:
         colour = f"C{index % 10}"
         glob = _series(evals, scope="server", model="global", data="client", split="test", client=client)
         if glob:
-            _plot_series(right, glob, f"client {client}, global", color=colour, linestyle="-")
+            _plot_series(right, glob, f"{name(client)}, global", color=colour, linestyle="-")
         loc = _series(evals, scope="client", model="local", data="client", split="test", client=client)
         if loc:
-            _plot_series(right, loc, f"client {client}, local", color=colour, linestyle="--")
+            _plot_series(right, loc, f"{name(client)}, local", color=colour, linestyle="--")
     right.set_title("Per client, own test split")
     if not (global_clients or local_clients):
         right.text(0.5, 0.5, "no per-client rows", ha="center", va="center", transform=right.transAxes)
@@ -480,7 +484,8 @@ def write_report(run_dir: RunDirectory | str | os.PathLike[str]) -> Path:
         atomic_write_bytes(run.path / name, data)
         figures.append((title, data))
 
-    add("Learning curves", LEARNING_CURVES_PNG, learning_curves_figure(rows, summary))
+    add("Learning curves", LEARNING_CURVES_PNG,
+        learning_curves_figure(rows, summary, config_value(config, "client_names")))
     found = last_confusion_matrix(rows)
     if found is not None:
         class_names = config_value(config, "class_names")
