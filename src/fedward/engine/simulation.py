@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
 from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
-from fedward.data.types import ClientData, FederatedData
+from fedward.data.types import ClientData, FederatedData, Split
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions, predict
 from fedward.engine.setup import (
@@ -66,6 +66,7 @@ class Simulation:
         self.training_clients: list[ClientData] = (
             [pooled_client(data)] if self.algorithm.centralized else list(data.clients))
         self._workspace: Workspace | None = None
+        self._pooled_test: Split | None = None  # built once, for the local models' pooled rows
 
     @property
     def workspace(self) -> Workspace:
@@ -103,7 +104,9 @@ class Simulation:
                     model="local", data="client", split=split_name))
         if self.algorithm.personalised:
             # FLamby's "Local i" rows: each local model on the pooled test set too.
-            rows.append(self._predict(model, self.data.pooled("test")).row(
+            if self._pooled_test is None:
+                self._pooled_test = self.data.pooled("test")
+            rows.append(self._predict(model, self._pooled_test).row(
                 self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
                 model="local", data="pooled", split="test"))
         return rows
