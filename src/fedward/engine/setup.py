@@ -65,6 +65,9 @@ def load_data(cfg: RunConfig) -> FederatedData:
                               "leave --data_dir out (loaders for real layouts come with the data-set release)")
     if cfg.dataset != "synthetic":
         raise ConfigError(f"--dataset '{cfg.dataset}' is unknown; expected one of: synthetic")
+    if cfg.fold != 1:
+        raise ConfigError(f"--fold {cfg.fold}: the {cfg.dataset} data set has a single fold, 1 (the reference code also "
+                          "ships only fold 1)")
     data = load_federated(cfg.dataset, seed=cfg.data_seed, image_size=cfg.image_size, scale=cfg.data_scale,
                           val_fraction=cfg.val_fraction)
     natural = data.num_clients
