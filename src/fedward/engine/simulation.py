@@ -276,5 +276,5 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
 
 
 def print_summary(summary: dict[str, Any], run_dir: RunDirectory) -> None:
-    print(format_summary_table(summary))
+    print(format_summary_table(summary, run_dir.read_config().get("client_names")))
     print(f"run directory: {run_dir.path}")

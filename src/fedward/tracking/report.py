@@ -230,7 +230,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def format_summary_table(summary: dict) -> str:
+def format_summary_table(summary: dict, client_names: list[str] | None = None) -> str:
     """The short table printed at the end of ``fedward run``."""
     local = summary.get("mode") == "local"
     header = ["", *(METRIC_LABELS[key] for key in METRIC_KEYS)]
@@ -243,14 +243,14 @@ def format_summary_table(summary: dict) -> str:
         body.append(["val-selected", *("-" for _ in METRIC_KEYS)])
     parts = [format_table(header, body)]
 
-    client_header, client_body = _client_table(summary)
+    client_header, client_body = _client_table(summary, client_names)
     if client_body:
         parts.append(format_table(client_header, client_body))
     parts.append(f"selection: {summary['selection']}")
     return "\n\n".join(parts)
 
 
-def _client_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+def _client_table(summary: dict, client_names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """Per-client balanced accuracy columns present in the summary, with a mean row."""
     columns: list[tuple[str, dict]] = []
     if summary.get("mode") == "local":
@@ -275,7 +275,12 @@ def _client_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             return "-" if value is None else str(value)
         return _fmt(value)
 
-    body = [[str(c), *(cell(name, values, c) for name, values in columns)] for c in clients]
+    def label(client: int) -> str:
+        if client_names and 0 <= client < len(client_names):
+            return f"{client} {client_names[client]}"
+        return str(client)
+
+    body = [[label(c), *(cell(name, values, c) for name, values in columns)] for c in clients]
     body.append(["mean", *("" if name == "val-selected round" else _fmt(_mean(values.values())) for name, values in columns)])
     return header, body
 
@@ -531,7 +536,7 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
         _html_table(header, body),
         f"<p class='note'>{html.escape(summary['selection'])}</p>",
     ]
-    client_header, client_body = _client_table(summary)
+    client_header, client_body = _client_table(summary, config_value(config, "client_names"))
     if client_body:
         parts += ["<h2>Per client (balanced accuracy)</h2>", _html_table(client_header, client_body)]
     for title, data in figures:
