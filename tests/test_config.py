@@ -13,7 +13,9 @@ def test_seed_flag_names_and_case_insensitive_values():
 
 @pytest.mark.parametrize("values, text", [
     ({"method": "fedsgd"}, "--method 'fedsgd' is unknown; expected one of"),
-    ({"method": "fedmas"}, "Fed-MAS"),
+    ({"method": "mhpflid"}, "MH-pFLID"),
+    ({"method": "fedmas"}, "needs --pre_trained_models"),
+    ({"method": "fedmas", "pre_trained_models": "random", "aggregate_method": "median"}, "'median' is unknown"),
     ({"comm_round": 0}, "--comm_round must be at least 1, got 0"),
     ({"lr": "fast"}, "'lr' must be float, got 'fast'"),
     ({"epochs": 1.5}, "'epochs' must be int, got 1.5"),

@@ -108,7 +108,7 @@ def test_rows_follow_the_contract(tmp_path, tiny_values):
     assert any(run_dir.tensorboard_dir.iterdir())
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "local", "centralized"])
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "local", "centralized", "fedmas"])
 def test_every_method_runs_and_sends_only_declared_arrays(tmp_path, tiny_values, method, monkeypatch):
     """Privacy: what a client returns holds only the arrays its method declares (never images,
     labels, optimizer state or a personalised model) and scalar metrics."""
@@ -123,7 +123,8 @@ def test_every_method_runs_and_sends_only_declared_arrays(tmp_path, tiny_values,
         return result
 
     monkeypatch.setattr(sim_module.Simulation, "run_client", spy)
-    _run(tmp_path, method, {**tiny_values, "method": method, "loss_fn_name": "BSM"})
+    extra = {"pre_trained_models": "random", "free_u": 1, "aggregate_method": "mas"} if method == "fedmas" else {}
+    _run(tmp_path, method, {**tiny_values, "method": method, "loss_fn_name": "BSM", **extra})
     assert seen
     for algorithm, global_arrays, reply in seen:
         declared = algorithm.declared_reply_keys(global_arrays) if global_arrays else set()

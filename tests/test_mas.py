@@ -32,6 +32,8 @@ def test_robust_factor_by_hand():
     assert robust_factor(w, w_hat) == pytest.approx(13 / 28)
     # mas_inv: q from [1, 1/3] = [3/4, 1/4]  ->  12/28 + 3/28
     assert robust_factor(w, w_hat, inverse=True) == pytest.approx(15 / 28)
+    # mas_inv leaves out a present class that training never saw (w_hat = 0): P = {0}, p = q = [1]
+    assert robust_factor(w, torch.tensor([2.0, 0.0, 5.0]), inverse=True) == pytest.approx(1.0)
     # evenly spread divergence gives 1/|P|
     assert robust_factor(torch.ones(4), torch.ones(4)) == pytest.approx(0.25)
     with pytest.raises(FedwardError, match="every class"):

@@ -17,9 +17,11 @@ import yaml
 
 from fedward.errors import ConfigError
 
-METHODS = ("fedavg", "fedprox", "moon", "local", "centralized")
+METHODS = ("fedavg", "fedprox", "moon", "local", "centralized", "fedmas")
 # Methods of later issues: named here so the error says what is coming rather than "unknown".
-PLANNED_METHODS = {"fedmas": "Fed-MAS (issue 3)", "mhpflid": "MH-pFLID (issue 4)"}
+PLANNED_METHODS = {"mhpflid": "MH-pFLID (issue 4)"}
+AGGREGATE_METHODS = ("avg", "mas", "mas_inv", "mas_drw")
+PROJECTOR_HEAD_POLICIES = ("both", "free", "global")
 PARTITION_METHODS = ("natural", "homo", "iid", "hetero", "dirichlet", "pathological")
 BN_POLICIES = ("average", "local")
 # Keys a run directory's config.yaml carries for information; a config file may hold them.
@@ -101,6 +103,8 @@ class RunConfig:
     # -- Fed-MAS flags of the reference, accepted for its commands; used by issue 3's fedmas
     free_u: float = 0.0
     pre_trained_models: str | None = None
+    prior_path: str | None = None  # the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<file>)
+    prior_bn_drift: bool = False  # reproduce the reference's round-0 BatchNorm drift of the prior
     update_projector_head: str = "both"
     aggregate_method: str = "avg"
 
@@ -203,14 +207,25 @@ def validate(cfg: RunConfig) -> None:
     if cfg.partition_method in ("hetero", "dirichlet"):
         _require(cfg.partition_alpha > 0, f"--partition_alpha must be > 0 for a Dirichlet split, got {cfg.partition_alpha}")
     _require(cfg.bn_policy in BN_POLICIES, f"--bn_policy '{cfg.bn_policy}' is unknown; expected one of: {', '.join(BN_POLICIES)}")
+    # Case-insensitive, so the reference README's --aggregate_method='MAS' works (the reference crashes on it).
     cfg.aggregate_method = cfg.aggregate_method.lower()
-    _require(cfg.aggregate_method == "avg",
-             f"--aggregate_method {cfg.aggregate_method} needs --method fedmas (issue 3); {cfg.method} aggregates with 'avg'")
-    _require(cfg.update_projector_head == "both",
-             f"--update_projector_head {cfg.update_projector_head} applies to --method fedmas only; expected 'both'")
-    _require(cfg.free_u == 0, f"--free_u applies to --method fedmas only (issue 3); got {cfg.free_u} with --method {cfg.method}")
-    _require(cfg.pre_trained_models is None,
-             f"--pre_trained_models applies to --method fedmas only (issue 3); got '{cfg.pre_trained_models}'")
+    _require(cfg.aggregate_method in AGGREGATE_METHODS,
+             f"--aggregate_method '{cfg.aggregate_method}' is unknown; expected one of: {', '.join(AGGREGATE_METHODS)}")
+    _require(cfg.update_projector_head in PROJECTOR_HEAD_POLICIES,
+             f"--update_projector_head '{cfg.update_projector_head}' is unknown; expected one of: "
+             f"{', '.join(PROJECTOR_HEAD_POLICIES)}")
+    _require(cfg.free_u >= 0, f"--free_u must be >= 0, got {cfg.free_u}")
+    if cfg.method == "fedmas":
+        _require(cfg.pre_trained_models is not None,
+                 "--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, random, or a checkpoint file")
+    else:
+        _require(cfg.aggregate_method == "avg",
+                 f"--aggregate_method {cfg.aggregate_method} needs --method fedmas; {cfg.method} aggregates with 'avg'")
+        _require(cfg.update_projector_head == "both",
+                 f"--update_projector_head {cfg.update_projector_head} applies to --method fedmas only; expected 'both'")
+        _require(cfg.free_u == 0, f"--free_u applies to --method fedmas only; got {cfg.free_u} with --method {cfg.method}")
+        _require(cfg.pre_trained_models is None,
+                 f"--pre_trained_models applies to --method fedmas only; got '{cfg.pre_trained_models}'")
 
 
 def config_help() -> dict[str, str]:
@@ -259,8 +274,10 @@ def config_help() -> dict[str, str]:
         "output": "run directory",
         "checkpoint_every": "checkpoint every N rounds (and the last)",
         "progress": "show progress bars",
-        "free_u": "Fed-MAS prior-alignment weight (fedmas only)",
-        "pre_trained_models": "Fed-MAS prior (fedmas only)",
-        "update_projector_head": "Fed-MAS head sync (fedmas only)",
-        "aggregate_method": "server aggregation: avg (mas variants need fedmas)",
+        "free_u": "Fed-MAS prior-alignment weight lambda_f; 0 switches the divergence to the supervised loss",
+        "pre_trained_models": "Fed-MAS prior: moco, IMAGENET1K_V1, 18_img, random, or a checkpoint file",
+        "prior_path": "the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<its file name>)",
+        "prior_bn_drift": "reproduce the reference's quirk: the prior's BatchNorm statistics drift in round 0",
+        "update_projector_head": "which heads a fedmas client takes from the global model: both, free, global",
+        "aggregate_method": "server aggregation: avg, mas, mas_inv, mas_DRW (any case; mas variants need fedmas)",
     }

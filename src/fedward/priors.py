@@ -77,13 +77,25 @@ def resolve_prior_file(name: str, prior_path: str | Path | None) -> tuple[str, P
     candidate = Path(name).expanduser()
     if candidate.is_file():
         return "resnet50", candidate
-    raise ConfigError(f"--pre_trained_models '{name}' is neither one of {', '.join(PRIOR_FILES)} nor an existing file")
+    raise ConfigError(f"--pre_trained_models '{name}' is neither one of {', '.join(PRIOR_FILES)}, random, "
+                      "nor an existing file")
+
+
+def prior_dim(name: str) -> int:
+    """Feature width of a prior: 512 for ResNet-18 priors, 2048 for ResNet-50 ones (and files)."""
+    return 512 if name in PRIOR_FILES and PRIOR_FILES[name][0] == "resnet18" else 2048
 
 
 def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: int = 224,
-               keep_batchnorm_drift: bool = False) -> FrozenPrior:
+               keep_batchnorm_drift: bool = False, seed: int = 0) -> FrozenPrior:
     """Build the prior's encoder and load its backbone weights (every backbone key must be in the
-    file; MoCo's MLP head and key encoder are dropped)."""
+    file; MoCo's MLP head and key encoder are dropped). ``random``: a seeded, randomly initialised
+    ResNet-50 (the control that shows what the prior's training contributes)."""
+    if name == "random":
+        generator = torch.Generator().manual_seed(seed)
+        encoder = get_model("resnet50", num_classes=1, image_size=image_size, stem="imagenet", generator=generator)
+        encoder.fc = nn.Identity()
+        return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift)
     architecture, path = resolve_prior_file(name, prior_path)
     encoder = get_model(architecture, num_classes=1, image_size=image_size, stem="imagenet")
     encoder.fc = nn.Identity()  # f(x) is the pooled backbone feature, not a projection

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fedward.algorithms.base import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace
 from fedward.algorithms.centralized import Centralized
 from fedward.algorithms.fedavg import FedAvg
+from fedward.algorithms.fedmas import FedMAS
 from fedward.algorithms.fedprox import FedProx
 from fedward.algorithms.local import Local
 from fedward.algorithms.moon import Moon
 from fedward.errors import ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Moon, Local, Centralized)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Moon, Local, Centralized, FedMAS)}
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

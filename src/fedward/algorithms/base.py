@@ -64,6 +64,7 @@ class Workspace:
         self.augment = augment
         self.model = build_model().to(device)
         self._spares: dict[str, nn.Module] = {}
+        self.prior: nn.Module | None = None  # a frozen prior, for methods that use one (fedmas)
 
     def spare_model(self, name: str) -> nn.Module:
         """A second model of the same architecture (e.g. MOON's global and previous models)."""

@@ -65,13 +65,15 @@ def robust_factor(before: torch.Tensor, during: torch.Tensor, *, inverse: bool =
     before = before.to(torch.float64)
     during = during.to(torch.float64)
     present = before != 0
+    if inverse:
+        # A rare class can be skipped by every drop_last batch of training (w_hat_c = 0) though the
+        # pre-pass saw it; the reference then divides by zero. fedward leaves such a class out.
+        present &= during != 0
     if not bool(present.any()):
         raise FedwardError("robust factor: the client's divergence is 0 for every class (no class present)")
     w = before[present]
     w_hat = during[present]
     if inverse:
-        if bool((w_hat == 0).any()):
-            raise FedwardError("robust factor (mas_inv): a present class has divergence 0 during training; cannot invert")
         w_hat = 1.0 / w_hat
     if float(w_hat.sum()) == 0.0:
         raise FedwardError("robust factor: the divergence during training is 0 for every present class")

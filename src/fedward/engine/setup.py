@@ -20,8 +20,9 @@ from fedward.data.types import ClientData, FederatedData
 from fedward.errors import ConfigError
 from fedward.losses import build_loss
 from fedward.models import get_model, model_options
-from fedward.models.heads import ProjectionModel, use_cosine_classifier
+from fedward.models.heads import PriorAlignedModel, ProjectionModel, use_cosine_classifier
 from fedward.models.pretrained import load_pretrained_backbone
+from fedward.priors import prior_dim
 from fedward.seeding import seed_globals
 
 
@@ -109,6 +110,8 @@ def model_builder(cfg: RunConfig, spec: TaskSpec) -> Callable[[], nn.Module]:
         model = get_model(cfg.model, num_classes=spec.num_classes, image_size=spec.image_size, **kwargs)
         if cfg.method == "moon":
             model = ProjectionModel(model, spec.num_classes, proj_dim=cfg.moon_proj_dim)
+        elif cfg.method == "fedmas":
+            model = PriorAlignedModel(model, spec.num_classes, prior_dim(cfg.pre_trained_models))
         if cosine:
             use_cosine_classifier(model)
         return model
@@ -122,7 +125,7 @@ def initial_global_state(cfg: RunConfig, build: Callable[[], nn.Module]) -> tupl
     model = build()
     notices: list[str] = []
     if cfg.pre_trained_tv is not None:
-        target = model.backbone if isinstance(model, ProjectionModel) else model
+        target = getattr(model, "backbone", model)  # MOON / Fed-MAS wrappers hold the ResNet as backbone
         path = None if cfg.pre_trained_tv == "default" else cfg.pre_trained_tv
         notices = load_pretrained_backbone(target, cfg.model, path)
     return to_cpu(model.state_dict()), notices

@@ -99,3 +99,42 @@ def use_cosine_classifier(model: nn.Module, *, generator: torch.Generator | None
     head = CosineClassifier(fc.in_features, fc.out_features, generator=generator)
     model.fc = head.to(device=fc.weight.device, dtype=fc.weight.dtype)
     return model
+
+
+class PriorAlignedModel(FeatureClassifier):
+    """Fed-MAS's local/global model (reference models/resnet_free.py): the backbone and its ``fc``
+    (logits z, used at test time) plus the projector ``p_free`` (F -> F -> BN -> ReLU -> D) that is
+    aligned with the frozen prior's D-dim feature, and the auxiliary head ``fc_free`` (D -> C),
+    trained with the same task loss and never used at test time."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, prior_dim: int, *,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        _check_positive(num_classes, "num_classes")
+        _check_positive(prior_dim, "prior_dim")
+        self.backbone = backbone
+        width = backbone.num_features
+        self.p_free = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                    nn.Linear(width, prior_dim))
+        self.fc_free = nn.Linear(prior_dim, num_classes)
+        # The classifier moves out of the backbone, so each parameter has one state-dict key.
+        self.fc = backbone.fc
+        backbone.fc = nn.Identity()
+        self.num_features = width
+        for head in (self.p_free[0], self.p_free[3], self.fc_free):
+            init_weights(head, generator)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.feature_map(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embed(x)
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits z, projection p, auxiliary logits z2)."""
+        feature = self.embed(x)
+        projection = self.p_free(feature)
+        return self.fc(feature), projection, self.fc_free(projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(x))

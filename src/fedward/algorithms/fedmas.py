@@ -1,0 +1,153 @@
+"""Fed-MAS (Elbatel et al., MICCAI 2023) as in the reference code (xmed-lab/Fed-MAS methods/free.py).
+
+Client k in round t:
+1. with MAS, measure w_k: the received global model (eval mode, no grad) over one pass of the
+   shuffled, augmented, drop_last train batches, class-wise mean alignment loss to the prior;
+2. train: L = task(z, y) + task'(z2, y) + free_u * mean_i(2 - 2 cos(p(x_i), f(x_i))), gradients
+   clipped at 5, accumulating w_hat_k from each batch's per-sample losses (before its step);
+3. RF_k = sum_c (w_c / sum w)(w_hat_c / sum w_hat) over present classes, sent as ``robust-factor``.
+With ``free_u = 0`` the divergence uses the per-sample supervised loss instead (as the reference).
+The server averages with avg (FedAvg), mas (RF_k / sum RF), mas_inv or mas_DRW weights.
+
+Departures from the reference, each cheap to state: the prior stays in eval mode throughout
+(``--prior_bn_drift`` reproduces the reference's round-0 BatchNorm drift); ``--lr`` is honoured
+(the reference hard-codes Adam's 3e-4 for fedmas; its README passes 3e-4 anyway); and
+``--update_projector_head free|global`` keep the client's own copy of the other heads across
+rounds (the reference resets them to random weights every round, and crashes on ``free``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from fedward.algorithms.aggregate import example_weights, weighted_average
+from fedward.algorithms.base import (
+    Arrays,
+    ClientReply,
+    ServerMessage,
+    Workspace,
+    examples_seen,
+    make_optimizer,
+    to_cpu,
+    training_batches,
+)
+from fedward.algorithms.fedavg import FedAvg
+from fedward.algorithms.mas import ClassDivergence, alignment_loss, mas_drw_weights, mas_weights, robust_factor
+from fedward.data.types import ClientData
+from fedward.losses import build_loss
+from fedward.seeding import torch_generator
+
+# Heads a client keeps for itself under each --update_projector_head policy.
+LOCAL_HEADS = {"both": (), "free": ("fc.",), "global": ("p_free.", "fc_free.")}
+CLIP_NORM = 5.0
+
+
+class FedMAS(FedAvg):
+    name = "fedmas"
+
+    def prior(self, ws: Workspace):
+        """The frozen prior, built once per worker and kept in its workspace."""
+        from fedward.priors import load_prior
+
+        if ws.prior is None:
+            ws.prior = load_prior(self.cfg.pre_trained_models, prior_path=self.cfg.prior_path,
+                                  image_size=self.spec.image_size, keep_batchnorm_drift=self.cfg.prior_bn_drift,
+                                  seed=self.cfg.seed).to(ws.device)
+        return ws.prior
+
+    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
+        model = super().load_start_model(ws, message, state)
+        if "local-heads" in state:
+            model.load_state_dict(state["local-heads"], strict=False)
+        return model
+
+    def _divergence(self, prior, images, labels, z, p, per_sample_task) -> torch.Tensor:
+        """Per-sample divergence: alignment to the prior, or the supervised loss when free_u = 0."""
+        if self.cfg.free_u == 0:
+            return per_sample_task(z, labels).detach()
+        return alignment_loss(p, prior(images)).detach()
+
+    def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
+                      generator: torch.Generator) -> ClientReply:
+        cfg = self.cfg
+        model = self.load_start_model(ws, message, state)
+        prior = self.prior(ws)
+        counts = client.train.class_counts(self.spec.num_classes)
+        make = lambda reduction: build_loss(cfg.loss_fn_name, counts.tolist(), reduction=reduction,  # noqa: E731
+                                            global_class_counts=self.spec.global_class_counts)
+        task, task_aux, per_sample_task = make("mean"), make("mean"), make("none")
+        for loss in (task, task_aux, per_sample_task):
+            loss.start_round(message.round - 1, cfg.comm_round)
+        split = client.train
+
+        before = ClassDivergence(counts)
+        if cfg.aggregate_method != "avg":
+            # Step 1: the received global model's divergence, on the client's augmented train batches.
+            if cfg.prior_bn_drift and message.round == 1:
+                prior.train()  # the reference's quirk: its prior is in train mode during this first pass
+            model.eval()
+            prepass = torch_generator(cfg.seed, "mas-prepass", message.round, client.client_id)
+            with torch.no_grad():
+                for _, index in training_batches(split, cfg.batch_size, 1, prepass):
+                    images = ws.augment(split.images[index].to(ws.device), prepass)
+                    labels = split.labels[index].to(ws.device)
+                    z, p, _ = model.forward_all(images)
+                    before.add(self._divergence(prior, images, labels, z, p, per_sample_task), labels)
+            prior.train(False)
+
+        # Step 2: local training, accumulating the divergence during training.
+        optimizer = make_optimizer(cfg, model.parameters())
+        if cfg.persist_optimizer_state and "optimizer" in state:
+            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        during = ClassDivergence(counts)
+        model.train()
+        total, steps = 0.0, 0
+        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator):
+            images = ws.augment(split.images[index].to(ws.device), generator)
+            labels = split.labels[index].to(ws.device)
+            z, p, z2 = model.forward_all(images)
+            if cfg.free_u == 0:
+                divergence = per_sample_task(z, labels).detach()
+                loss = task(z, labels) + task_aux(z2, labels)
+            else:
+                per_sample = alignment_loss(p, prior(images))
+                divergence = per_sample.detach()
+                loss = task(z, labels) + task_aux(z2, labels) + cfg.free_u * per_sample.mean()
+            during.add(divergence, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or CLIP_NORM)
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+
+        if cfg.persist_optimizer_state:
+            state["optimizer"] = optimizer.state_dict()
+        arrays = to_cpu(model.state_dict())
+        kept = LOCAL_HEADS[cfg.update_projector_head]
+        if kept:
+            state["local-heads"] = {k: v for k, v in arrays.items() if k.startswith(kept)}
+        w, w_hat = before.value(), during.value()
+        rf = robust_factor(w, w_hat, inverse=cfg.aggregate_method == "mas_inv") if cfg.aggregate_method != "avg" else 1.0
+        metrics = {"num-examples": float(examples_seen(len(split), cfg.batch_size)), "train-loss": total / max(steps, 1),
+                   "steps": float(steps), "robust-factor": float(rf)}
+        # Logged per round, as the reference sends them for logging: the class-wise divergences.
+        for c in range(self.spec.num_classes):
+            metrics[f"divergence-before-{c}"] = float(w[c])
+            metrics[f"divergence-during-{c}"] = float(w_hat[c])
+        return ClientReply(client_id=client.client_id, arrays=arrays, metrics=metrics)
+
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+        method = self.cfg.aggregate_method
+        counts = [r.metrics["num-examples"] for r in replies]
+        factors = [r.metrics["robust-factor"] for r in replies]
+        if method == "avg":
+            weights = example_weights(counts)
+        elif method in ("mas", "mas_inv"):
+            weights = mas_weights(factors)
+        else:
+            weights = mas_drw_weights(factors, counts, round_index=round_index - 1, total_rounds=self.cfg.comm_round)
+        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}

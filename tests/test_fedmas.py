@@ -1,0 +1,108 @@
+"""Fed-MAS end to end on tiny data: aggregation variants, heads policy, privacy, and the seed's
+three README commands run as written (tiny settings appended; weights files built by the test
+with the real file names and key names, random values)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import torch
+
+from fedward.cli import main
+from fedward.config import build_config
+from fedward.engine.setup import initial_global_state, load_data
+from fedward.engine.simulation import ClientTask, Simulation
+from fedward.models import get_model
+from fedward.priors import MOCO_FILE
+from fedward.tracking import RunDirectory
+
+TINY = ["--model", "smallcnn", "--image_size", "16", "--data_scale", "0.03", "--progress", "false", "--threads", "1",
+        "--batch_size", "16"]
+
+
+def _agg_rows(out):
+    return [r for r in RunDirectory.open_existing(out).read_rows() if r["scope"] == "aggregation"]
+
+
+@pytest.mark.parametrize("aggregate", ["avg", "MAS", "mas_inv", "mas_DRW"])
+def test_aggregation_variants(tmp_path, aggregate):
+    out = tmp_path / aggregate
+    assert main(["run", "--method", "fedmas", "--free_u", "3", "--pre_trained_models", "random", "--comm_round", "2",
+                 "--aggregate_method", aggregate, "--output", str(out), *TINY]) == 0
+    for row in _agg_rows(out):
+        rf, n, weights = row["robust_factor"], row["num_examples"], row["weights"]
+        assert len(row["divergence_before_0"]) == len(rf) == 6
+        if aggregate == "avg":
+            assert weights == pytest.approx([x / sum(n) for x in n])
+        elif aggregate in ("MAS", "mas_inv"):
+            assert weights == pytest.approx([x / sum(rf) for x in rf])
+            assert all(0 < x <= 1 for x in rf)
+        else:  # mas_DRW: FedAvg weights before round floor(0.8 * 2) = 1 (0-based), i.e. in round 1
+            if row["round"] == 1:
+                assert weights == pytest.approx([x / sum(n) for x in n])
+
+
+def test_free_u_zero_measures_the_supervised_loss(tiny_values):
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 0,
+                        "aggregate_method": "mas"})
+    sim = Simulation(cfg, load_data(cfg), "cpu")
+    state, _ = initial_global_state(cfg, sim.build_model)
+    reply = sim.run_client(ClientTask(1, 4, sim.algorithm.server_message(1, state), {}), False).reply
+    before = [reply.metrics[f"divergence-before-{c}"] for c in range(8)]
+    # MSK (client 4) has only MEL, NV and BKL: the others stay 0; cross-entropy values are positive
+    assert [c for c, v in enumerate(before) if v > 0] == [0, 1, 4]
+    assert 0 < reply.metrics["robust-factor"] <= 1
+
+
+@pytest.mark.parametrize("policy, kept, taken", [("free", ("fc.",), ("p_free.", "fc_free.")),
+                                                  ("global", ("p_free.", "fc_free."), ("fc.",))])
+def test_update_projector_head_keeps_the_other_heads_local(tiny_values, policy, kept, taken):
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+                        "update_projector_head": policy})
+    sim = Simulation(cfg, load_data(cfg), "cpu")
+    state0, _ = initial_global_state(cfg, sim.build_model)
+    client_state = {}
+    trained = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0), client_state), False).reply.arrays
+    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state)
+    now = sim.workspace.model.state_dict()
+    for key in now:
+        if key.startswith(kept):
+            assert torch.equal(now[key], trained[key]), key  # the client's own head survives the broadcast
+        elif key.startswith(taken) or key.startswith("backbone."):
+            assert torch.equal(now[key], state0[key]), key  # everything else comes from the global model
+
+
+def _seed_readme_commands():
+    common = ("--client_number 6 --pre_trained_tv --thread_number 6 --comm_round 100 --lr 0.0003 --epochs 1 "
+              "--data_dir data/Flamby_isic --update_projector_head='both' --partition_method='homo' "
+              "--partition_alpha=0 --model='resnet18' --gpu='0,1,3,4,5,6,7' --batch_size=64 --loss_fn_name=BSM "
+              "--adam --validate_client --fold=1")
+    return [
+        f"--method fedavg {common}",
+        f"--method fedmas --free_u=3 --pre_trained_models='moco' {common}",
+        f"--method fedmas --free_u=3 --pre_trained_models='moco' {common} --aggregate_method='MAS'",
+    ]
+
+
+@pytest.mark.slow
+def test_the_seed_readme_commands_run_as_written(tmp_path, monkeypatch):
+    # The weights files a user would have: torchvision's ResNet-18 and the MoCo-v2 checkpoint.
+    torch_home, cache = tmp_path / "torch", tmp_path / "cache"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("FEDWARD_CACHE", str(cache))
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(get_model("resnet18", num_classes=1000).state_dict(), torch_home / "hub/checkpoints/resnet18-f37072fd.pth")
+    (cache / "priors").mkdir(parents=True)
+    r50 = get_model("resnet50", num_classes=128).state_dict()
+    torch.save({"epoch": 800, "arch": "resnet50",
+                "state_dict": {f"module.encoder_q.{k}": v for k, v in r50.items()}}, cache / "priors" / MOCO_FILE)
+    monkeypatch.chdir(tmp_path)
+    for index, command in enumerate(_seed_readme_commands()):
+        out = tmp_path / f"run{index}"
+        tiny = ["--comm_round", "1", "--image_size", "16", "--data_scale", "0.03", "--batch_size", "16",
+                "--progress", "false", "--output", str(out)]
+        assert main(["run", *shlex.split(command), *tiny]) == 0, command
+        assert (out / "final_model.pt").is_file()
+    assert _agg_rows(tmp_path / "run2")[0]["weights"] == pytest.approx(
+        [x / sum(_agg_rows(tmp_path / "run2")[0]["robust_factor"]) for x in _agg_rows(tmp_path / "run2")[0]["robust_factor"]])
