@@ -106,3 +106,26 @@ def test_the_seed_readme_commands_run_as_written(tmp_path, monkeypatch):
         assert (out / "final_model.pt").is_file()
     assert _agg_rows(tmp_path / "run2")[0]["weights"] == pytest.approx(
         [x / sum(_agg_rows(tmp_path / "run2")[0]["robust_factor"]) for x in _agg_rows(tmp_path / "run2")[0]["robust_factor"]])
+
+
+def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values):
+    def run_two_clients(drift):
+        cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+                            "aggregate_method": "mas", "prior_bn_drift": drift})
+        sim = Simulation(cfg, load_data(cfg), "cpu")
+        state0, _ = initial_global_state(cfg, sim.build_model)
+        states = [{}, {}]
+        for k in (0, 1):
+            sim.run_client(ClientTask(1, k, sim.algorithm.server_message(1, state0), states[k]), False)
+        return sim, states
+
+    sim, states = run_two_clients(False)
+    clean = sim.workspace.prior_buffers
+    assert all(torch.equal(b, clean[n]) for n, b in sim.workspace.prior.named_buffers())
+    assert "prior-batchnorm" not in states[0]
+    sim, states = run_two_clients(True)
+    key = "encoder.bn1.running_mean"
+    first, second = states[0]["prior-batchnorm"][key], states[1]["prior-batchnorm"][key]
+    # each client's prior drifted from the loaded statistics towards its own data, independently
+    assert not torch.equal(first, clean[key]) and not torch.equal(second, clean[key])
+    assert not torch.equal(first, second)

@@ -65,6 +65,7 @@ class Workspace:
         self.model = build_model().to(device)
         self._spares: dict[str, nn.Module] = {}
         self.prior: nn.Module | None = None  # a frozen prior, for methods that use one (fedmas)
+        self.prior_buffers: Arrays = {}  # the prior's BatchNorm buffers as loaded
 
     def spare_model(self, name: str) -> nn.Module:
         """A second model of the same architecture (e.g. MOON's global and previous models)."""

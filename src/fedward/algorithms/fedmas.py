@@ -56,7 +56,15 @@ class FedMAS(FedAvg):
             ws.prior = load_prior(self.cfg.pre_trained_models, prior_path=self.cfg.prior_path,
                                   image_size=self.spec.image_size, keep_batchnorm_drift=self.cfg.prior_bn_drift,
                                   seed=self.cfg.seed).to(ws.device)
+            ws.prior_buffers = to_cpu(dict(ws.prior.named_buffers()))
         return ws.prior
+
+    def _use_client_prior_statistics(self, ws: Workspace, state: dict[str, Any]) -> None:
+        """With --prior_bn_drift every client has its own drifted prior, as in the reference (one
+        prior per client process): the shared prior takes this client's BatchNorm buffers."""
+        buffers = state.get("prior-batchnorm", ws.prior_buffers)
+        for name, buffer in ws.prior.named_buffers():
+            buffer.copy_(buffers[name])
 
     def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
         model = super().load_start_model(ws, message, state)
@@ -75,6 +83,8 @@ class FedMAS(FedAvg):
         cfg = self.cfg
         model = self.load_start_model(ws, message, state)
         prior = self.prior(ws)
+        if cfg.prior_bn_drift:
+            self._use_client_prior_statistics(ws, state)
         counts = client.train.class_counts(self.spec.num_classes)
         make = lambda reduction: build_loss(cfg.loss_fn_name, counts.tolist(), reduction=reduction,  # noqa: E731
                                             global_class_counts=self.spec.global_class_counts)
@@ -97,6 +107,8 @@ class FedMAS(FedAvg):
                     z, p, _ = model.forward_all(images)
                     before.add(self._divergence(prior, images, labels, z, p, per_sample_task), labels)
             prior.train(False)
+            if cfg.prior_bn_drift and message.round == 1:
+                state["prior-batchnorm"] = to_cpu(dict(prior.named_buffers()))
 
         # Step 2: local training, accumulating the divergence during training.
         optimizer = make_optimizer(cfg, model.parameters())
