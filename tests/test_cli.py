@@ -50,6 +50,7 @@ def test_reference_only_flags_are_accepted_or_mapped(tmp_path, capsys):
     (["--lr", "-1"], "--lr must be positive"),
     (["--partition_method", "natural", "--client_number", "4"], "6 natural centres"),
     (["--fold", "2"], "single fold"),
+    (["--method", "fedmas", "--pre_trained_models", "moco"], "moco_v2_800ep_pretrain.pth.tar: not found"),
 ])
 def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, capsys, argv, text):
     out = tmp_path / "never"

@@ -157,6 +157,10 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
     data = load_data(cfg)
     spec = task_spec(data)
     initial_global_state(cfg, model_builder(cfg, spec))
+    if cfg.method == "fedmas":  # a missing or mismatched prior file fails here, not in round 1
+        from fedward.priors import load_prior
+
+        load_prior(cfg.pre_trained_models, prior_path=cfg.prior_path, image_size=spec.image_size)
     if not cfg.output:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}")
