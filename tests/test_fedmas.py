@@ -120,8 +120,8 @@ def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values)
         return sim, states
 
     sim, states = run_two_clients(False)
-    clean = sim.workspace.prior_buffers
-    assert all(torch.equal(b, clean[n]) for n, b in sim.workspace.prior.named_buffers())
+    clean = sim.workspace.prior_buffers["random"]
+    assert all(torch.equal(b, clean[n]) for n, b in sim.workspace.priors["random"].named_buffers())
     assert "prior-batchnorm" not in states[0]
     sim, states = run_two_clients(True)
     key = "encoder.bn1.running_mean"

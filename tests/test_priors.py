@@ -7,10 +7,10 @@ import torch
 
 from fedward.errors import CheckpointError, ConfigError
 from fedward.models import get_model
-from fedward.priors import MOCO_FILE, load_prior
+from fedward.priors import MOCO_FILE, load_prior, prior_dim
 
 
-def _moco_checkpoint(path, architecture="resnet50"):
+def _moco_checkpoint(path, architecture="resnet50", claimed=None):
     """Like moco_v2_800ep_pretrain.pth.tar: {'epoch', 'arch', 'state_dict': module.encoder_q.* (with the
     MLP head fc.0/fc.2), module.encoder_k.*, module.queue, module.queue_ptr}, 'optimizer'}."""
     torch.manual_seed(0)
@@ -21,7 +21,7 @@ def _moco_checkpoint(path, architecture="resnet50"):
                   "module.encoder_q.fc.2.weight": torch.randn(128, width), "module.encoder_q.fc.2.bias": torch.randn(128),
                   "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7), "module.queue": torch.randn(128, 16),
                   "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
-    torch.save({"epoch": 800, "arch": architecture, "state_dict": state, "optimizer": {}}, path)
+    torch.save({"epoch": 800, "arch": claimed or architecture, "state_dict": state, "optimizer": {}}, path)
     return {k.removeprefix("module.encoder_q."): v for k, v in state.items() if k.startswith("module.encoder_q.")}
 
 
@@ -50,9 +50,17 @@ def test_batchnorm_drift_flag_reproduces_the_reference_quirk(tmp_path):
     assert not torch.equal(before, prior.encoder.bn1.running_mean)
 
 
+def test_checkpoint_architecture_key_decides_the_encoder(tmp_path):
+    path = tmp_path / "r18.pth.tar"
+    saved = _moco_checkpoint(path, architecture="resnet18")
+    prior = load_prior(str(path), image_size=32)
+    assert prior.num_features == 512 and prior_dim(str(path)) == 512
+    assert torch.equal(prior.encoder.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
+
+
 def test_wrong_architecture_names_the_keys(tmp_path):
     path = tmp_path / "r18.pth.tar"
-    _moco_checkpoint(path, architecture="resnet18")
+    _moco_checkpoint(path, architecture="resnet18", claimed="resnet50")
     with pytest.raises(CheckpointError) as err:
         load_prior(str(path))
     message = str(err.value)

@@ -1,4 +1,4 @@
-"""Command line: ``fedward run``, ``fedward report``, ``fedward models``.
+"""Command line: ``fedward run``, ``fedward report``, ``fedward models``, ``fedward prior``.
 
 ``fedward run`` accepts the Fed-MAS reference code's flags (``--method``, ``--client_number``,
 ``--comm_round``, ``--adam``, ``--loss_fn_name``, ...), so its README commands work with
@@ -46,7 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
+    _add_prior_parser(subparsers)
     return parser
+
+
+def _add_prior_parser(subparsers) -> None:
+    from fedward.selfsup.moco import MocoSettings
+
+    prior = subparsers.add_parser("prior", help="download or train a Fed-MAS prior")
+    actions = prior.add_subparsers(dest="prior_command", required=True)
+    download = actions.add_parser("download", help="fetch a public prior checkpoint (resumable, checksum-verified)",
+                                  description="Fetch moco (alias moco-v2), IMAGENET1K_V1 or 18_img into a folder.")
+    download.add_argument("name", help="moco-v2 | moco | IMAGENET1K_V1 | 18_img")
+    download.add_argument("--to", metavar="DIR", help="target folder (default: $FEDWARD_CACHE/priors, where runs look)")
+    download.add_argument("--accept-licence", action="store_true", help="accept the weights' licence non-interactively")
+    download.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train = actions.add_parser("train", help="train a MoCo-v2 prior on unlabelled images",
+                               description="Self-supervised MoCo-v2 training on a folder of images (or the built-in "
+                                           "data set's public split); saves the MoCo checkpoint format.")
+    train.add_argument("--images", metavar="DIR", help="folder of unlabelled images (default: the synthetic public split)")
+    train.add_argument("--public_images", type=int, default=3072, help="size of the synthetic public split (default: 3072)")
+    train.add_argument("--data_seed", type=int, default=0, help="synthetic world the public split is drawn from (default: 0)")
+    train.add_argument("--out", metavar="FILE", help="checkpoint to write (default: moco_v2_<arch>_<size>px_selfsup.pth.tar)")
+    train.add_argument("--resume", action="store_true", help="continue the training saved in --out")
+    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field, value in MocoSettings().__dict__.items():
+        train.add_argument(f"--{field}", type=type(value), default=value, help=f"(default: {value})")
 
 
 def _reject_dead_flags(unknown: Sequence[str]) -> None:
@@ -109,6 +137,51 @@ def command_models(_args: argparse.Namespace) -> int:
     return 0
 
 
+def command_prior(args: argparse.Namespace) -> int:
+    if args.prior_command == "download":
+        from fedward.priors import download_prior
+
+        path = download_prior(args.name, args.to, accept_licence=args.accept_licence, progress=not args.no_progress)
+        print(f"prior ready: {path}")
+        return 0
+    return _prior_train(args)
+
+
+def _prior_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedward.engine.setup import notice
+    from fedward.selfsup.moco import MocoSettings, train_moco
+
+    settings = MocoSettings(**{k: getattr(args, k) for k in MocoSettings().__dict__})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        notice(f"--device {args.device}: no GPU available; training on the CPU")
+        args.device = "cpu"
+    labels = None
+    if args.images:
+        from fedward.selfsup.images import read_image_folder
+
+        images, source = read_image_folder(args.images, settings.image_size, progress=not args.no_progress), args.images
+    else:
+        from fedward.data.synthetic import public_split
+
+        public = public_split(seed=args.data_seed, image_size=settings.image_size, count=args.public_images)
+        images, labels = public.images, public.labels
+        source = f"synthetic public split (data_seed {args.data_seed}, {len(images)} images)"
+    out = args.out or f"moco_v2_{settings.arch}_{settings.image_size}px_selfsup.pth.tar"
+    summary = train_moco(images, settings, out, labels=labels, source=source, resume=args.resume,
+                         progress=not args.no_progress, device=args.device, log=notice)
+    for row in summary["history"][-3:]:
+        print(f"epoch {row['epoch']}: InfoNCE {row['loss']:.3f}, positive ranked first {row['contrastive_accuracy']:.3f}")
+    if labels is not None:
+        print(f"kNN accuracy of the features (labels used for this check only): {summary['knn_before']:.3f} at "
+              f"random init -> {summary['knn_after']:.3f}")
+    print(f"prior written: {out} (use it with --pre_trained_models {out})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -117,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command != "run":
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             _reject_dead_flags(unknown)
-        handler = {"run": command_run, "report": command_report, "models": command_models}[args.command]
+        handler = {"run": command_run, "report": command_report, "models": command_models,
+                   "prior": command_prior}[args.command]
         return handler(args)
     except FedwardError as err:
         print(f"fedward: error: {err}", file=sys.stderr)

@@ -217,7 +217,11 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.free_u >= 0, f"--free_u must be >= 0, got {cfg.free_u}")
     if cfg.method == "fedmas":
         _require(cfg.pre_trained_models is not None,
-                 "--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, random, or a checkpoint file")
+                 "--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, mix, auto, random, "
+                 "or a checkpoint file")
+        _require(not (cfg.pre_trained_models == "mix" and cfg.prior_path),
+                 "--pre_trained_models mix uses two files (moco and IMAGENET1K_V1) from the prior folder "
+                 "($FEDWARD_CACHE/priors); drop --prior_path")
     else:
         _require(cfg.aggregate_method == "avg",
                  f"--aggregate_method {cfg.aggregate_method} needs --method fedmas; {cfg.method} aggregates with 'avg'")
@@ -275,7 +279,8 @@ def config_help() -> dict[str, str]:
         "checkpoint_every": "checkpoint every N rounds (and the last)",
         "progress": "show progress bars",
         "free_u": "Fed-MAS prior-alignment weight lambda_f; 0 switches the divergence to the supervised loss",
-        "pre_trained_models": "Fed-MAS prior: moco, IMAGENET1K_V1, 18_img, random, or a checkpoint file",
+        "pre_trained_models": "Fed-MAS prior: moco, IMAGENET1K_V1, 18_img, mix, auto (moco if present, else a self-trained "
+                              "prior), random, or a checkpoint file",
         "prior_path": "the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<its file name>)",
         "prior_bn_drift": "reproduce the reference's quirk: the prior's BatchNorm statistics drift in round 0",
         "update_projector_head": "which heads a fedmas client takes from the global model: both, free, global",

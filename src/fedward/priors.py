@@ -4,10 +4,15 @@ The reference (fedmas.md section 2.1) builds torchvision's ResNet-50, loads the 
 the MoCo-v2 checkpoint (``state_dict`` with ``module.encoder_q.*`` keys), drops the MLP head and
 uses the 2048-d average-pooled backbone feature, with every parameter frozen. ``--pre_trained_models``
 picks the checkpoint: ``moco``, ``IMAGENET1K_V1`` (which in the reference actually loads ResNet-50
-*V2* weights), ``18_img`` (ResNet-18 ImageNet, 512-d) or a file path.
+*V2* weights), ``18_img`` (ResNet-18 ImageNet, 512-d), ``mix`` (each client gets ``moco`` or
+``IMAGENET1K_V1``), or a file path. fedward adds ``random`` (a seeded random ResNet-50: the control)
+and ``auto`` (the MoCo-v2 file if it is there, otherwise a MoCo-v2 prior fedward trains on the
+built-in data set's public split, once, and caches).
 
-Weights cannot be downloaded at run time here: every prior loads from a local file, and a missing
-file is an error that says where to put it.
+Runs never download: every prior loads from a local file (``fedward prior download NAME`` fetches
+the public ones), and a missing file is an error that says where to put it. A checkpoint that names
+its architecture (MoCo's ``arch`` key, also written by ``fedward prior train``) is built as that
+architecture, so a self-trained ResNet-18 prior loads like the real ResNet-50 one.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedward.download import RemoteFile
 from fedward.errors import CheckpointError, ConfigError
-from fedward.models import get_model
+from fedward.models import get_model, list_models
 from fedward.models.pretrained import MAX_KEYS_IN_ERROR, read_state_dict
+from fedward.seeding import numpy_generator
 
 MOCO_FILE = "moco_v2_800ep_pretrain.pth.tar"
 # name -> (architecture, file name looked for in the prior folder)
@@ -29,6 +36,20 @@ PRIOR_FILES = {
     "IMAGENET1K_V1": ("resnet50", "resnet50-11ad3fa6.pth"),
     "18_img": ("resnet18", "resnet18-f37072fd.pth"),
 }
+# Where ``fedward prior download`` fetches them, with the published checksum prefixes: the MoCo
+# README gives the md5's first 8 hex digits; torchvision file names carry the sha256's.
+REMOTE_PRIORS = {
+    "moco": RemoteFile(MOCO_FILE, "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/" + MOCO_FILE,
+                       md5_prefix="a04e12f8",
+                       licence="MoCo-v2 weights (facebookresearch/moco) are released under CC BY-NC 4.0: non-commercial use only."),
+    "IMAGENET1K_V1": RemoteFile("resnet50-11ad3fa6.pth", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+                                sha256_prefix="11ad3fa6"),
+    "18_img": RemoteFile("resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                         sha256_prefix="f37072fd"),
+}
+PRIOR_ALIASES = {"moco-v2": "moco", "moco_v2": "moco"}
+# --pre_trained_models mix: the reference assigns each client one of these (see client_prior_names).
+MIX = ("IMAGENET1K_V1", "moco")
 
 
 def default_prior_dir() -> Path:
@@ -71,19 +92,86 @@ def resolve_prior_file(name: str, prior_path: str | Path | None) -> tuple[str, P
         architecture, file_name = PRIOR_FILES[name]
         path = Path(prior_path).expanduser() if prior_path else default_prior_dir() / file_name
         if not path.is_file():
-            raise CheckpointError(f"prior '{name}' needs {file_name}: not found at {path}; put it there or pass "
-                                  f"--prior_path PATH")
-        return architecture, path
+            raise CheckpointError(f"prior '{name}' needs {file_name}: not found at {path}; put it there, pass "
+                                  f"--prior_path PATH, or run `fedward prior download {name} --to {path.parent}`")
+        return checkpoint_architecture(path, architecture), path
     candidate = Path(name).expanduser()
     if candidate.is_file():
-        return "resnet50", candidate
-    raise ConfigError(f"--pre_trained_models '{name}' is neither one of {', '.join(PRIOR_FILES)}, random, "
+        return checkpoint_architecture(candidate, "resnet50"), candidate
+    raise ConfigError(f"--pre_trained_models '{name}' is neither one of {', '.join(PRIOR_FILES)}, mix, auto, random, "
                       "nor an existing file")
 
 
-def prior_dim(name: str) -> int:
-    """Feature width of a prior: 512 for ResNet-18 priors, 2048 for ResNet-50 ones (and files)."""
-    return 512 if name in PRIOR_FILES and PRIOR_FILES[name][0] == "resnet18" else 2048
+def checkpoint_architecture(path: Path, default: str) -> str:
+    """The architecture a checkpoint names in its top-level ``arch`` key (MoCo's and fedward's
+    format), else ``default``. Loaded memory-mapped, so reading it costs almost nothing."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (or unreadable): load_prior reports it properly
+        return default
+    arch = payload.get("arch") if isinstance(payload, dict) else None
+    if arch is None:
+        return default
+    if arch not in list_models():
+        raise CheckpointError(f"prior file {path} names architecture {arch!r}, which is not a registered model "
+                              f"({', '.join(list_models())})")
+    return str(arch)
+
+
+def client_prior_names(name: str, num_clients: int, seed: int) -> list[str]:
+    """The prior each client uses. ``mix``: a seeded random permutation of ``MIX`` repeated over the
+    clients, so the two priors are split as evenly as possible. The reference assigns per client
+    from a seeded permutation too; its exact split is not recoverable from the notes (an unclear
+    point, stated in the docs). Any other name: every client uses it."""
+    if name != "mix":
+        return [name] * num_clients
+    pool = [MIX[i % len(MIX)] for i in range(num_clients)]
+    order = numpy_generator(seed, "prior-mix").permutation(num_clients)
+    return [pool[i] for i in order]
+
+
+def resolve_auto(image_size: int, prior_path: str | Path | None = None) -> str:
+    """``auto``: the MoCo-v2 checkpoint when it is present, else fedward's self-trained prior file
+    (trained on first use; see ``selfsup.cached_prior``)."""
+    moco = Path(prior_path).expanduser() if prior_path else default_prior_dir() / MOCO_FILE
+    if moco.is_file():
+        return str(moco)
+    from fedward.selfsup.cached import cached_prior_path
+
+    return str(cached_prior_path(image_size))
+
+
+def prior_dim(name: str, prior_path: str | Path | None = None, image_size: int = 224) -> int:
+    """Feature width of a prior: 512 for ResNet-18 priors, 2048 for ResNet-50 ones."""
+    if name == "random":
+        return 2048
+    if name == "auto":
+        from fedward.selfsup.cached import cached_prior_settings
+
+        path = resolve_auto(image_size, prior_path)
+        if not Path(path).is_file():  # not trained yet: its settings say what it will be
+            return prior_dim_of(cached_prior_settings(image_size).arch)
+        name, prior_path = path, None
+    names = set(client_prior_names(name, len(MIX), 0))
+    dims = {prior_dim_of(_architecture(n, prior_path)) for n in names}
+    if len(dims) > 1:
+        raise ConfigError(f"--pre_trained_models {name}: its priors have different feature widths {sorted(dims)}")
+    return dims.pop()
+
+
+def _architecture(name: str, prior_path: str | Path | None) -> str:
+    try:
+        return resolve_prior_file(name, prior_path)[0]
+    except CheckpointError:
+        if name in PRIOR_FILES:  # a missing file is reported when the prior is loaded
+            return PRIOR_FILES[name][0]
+        raise
+
+
+def prior_dim_of(architecture: str) -> int:
+    """Pooled feature width of a registered architecture (built tiny, on the meta device)."""
+    with torch.device("meta"):
+        return int(get_model(architecture, num_classes=1, image_size=32).num_features)
 
 
 def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: int = 224,
@@ -91,6 +179,15 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
     """Build the prior's encoder and load its backbone weights (every backbone key must be in the
     file; MoCo's MLP head and key encoder are dropped). ``random``: a seeded, randomly initialised
     ResNet-50 (the control that shows what the prior's training contributes)."""
+    if name == "auto":
+        from fedward.selfsup.cached import ensure_cached_prior
+
+        resolved = resolve_auto(image_size, prior_path)
+        if not Path(resolved).is_file():
+            ensure_cached_prior(image_size)
+        name, prior_path = resolved, None
+    if name == "mix":
+        raise ConfigError("--pre_trained_models mix is resolved per client; load one of its priors by name")
     if name == "random":
         generator = torch.Generator().manual_seed(seed)
         encoder = get_model("resnet50", num_classes=1, image_size=image_size, stem="imagenet", generator=generator)
@@ -114,3 +211,19 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
         raise CheckpointError(f"prior file {path} is not a {architecture} backbone: {'; '.join(parts)}")
     encoder.load_state_dict(file_sd, strict=False)
     return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift)
+
+
+def download_prior(name: str, folder: str | Path | None = None, *, accept_licence: bool = False,
+                   progress: bool = True) -> Path:
+    """Fetch a public prior checkpoint (resumable, checksum-verified), then check that it loads:
+    every backbone key present with the right shape."""
+    from fedward.download import download
+
+    key = PRIOR_ALIASES.get(name, name)
+    if key not in REMOTE_PRIORS:
+        raise ConfigError(f"no public checkpoint named {name!r}; expected one of: "
+                          f"{', '.join(sorted([*REMOTE_PRIORS, *PRIOR_ALIASES]))}")
+    path = download(REMOTE_PRIORS[key], Path(folder).expanduser() if folder else default_prior_dir(),
+                    progress=progress, accept_licence=accept_licence)
+    load_prior(key, prior_path=path, image_size=32)  # raises, naming missing/unexpected keys
+    return path

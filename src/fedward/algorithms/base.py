@@ -64,8 +64,8 @@ class Workspace:
         self.augment = augment
         self.model = build_model().to(device)
         self._spares: dict[str, nn.Module] = {}
-        self.prior: nn.Module | None = None  # a frozen prior, for methods that use one (fedmas)
-        self.prior_buffers: Arrays = {}  # the prior's BatchNorm buffers as loaded
+        self.priors: dict[str, nn.Module] = {}  # frozen priors by name, for methods that use them (fedmas)
+        self.prior_buffers: dict[str, Arrays] = {}  # each prior's BatchNorm buffers as loaded
 
     def spare_model(self, name: str) -> nn.Module:
         """A second model of the same architecture (e.g. MOON's global and previous models)."""

@@ -48,22 +48,31 @@ CLIP_NORM = 5.0
 class FedMAS(FedAvg):
     name = "fedmas"
 
-    def prior(self, ws: Workspace):
-        """The frozen prior, built once per worker and kept in its workspace."""
+    def prior_name(self, client_id: int) -> str:
+        """The prior this client aligns to (``mix`` gives clients different ones)."""
+        from fedward.priors import client_prior_names
+
+        num_clients = len(self.spec.train_class_counts)
+        return client_prior_names(self.cfg.pre_trained_models, num_clients, self.cfg.seed)[client_id]
+
+    def prior(self, ws: Workspace, client_id: int):
+        """The client's frozen prior, built once per worker and kept in its workspace."""
         from fedward.priors import load_prior
 
-        if ws.prior is None:
-            ws.prior = load_prior(self.cfg.pre_trained_models, prior_path=self.cfg.prior_path,
-                                  image_size=self.spec.image_size, keep_batchnorm_drift=self.cfg.prior_bn_drift,
-                                  seed=self.cfg.seed).to(ws.device)
-            ws.prior_buffers = to_cpu(dict(ws.prior.named_buffers()))
-        return ws.prior
+        name = self.prior_name(client_id)
+        if name not in ws.priors:
+            # Under mix the two files sit in the prior folder; otherwise --prior_path names the file.
+            path = None if self.cfg.pre_trained_models == "mix" else self.cfg.prior_path
+            ws.priors[name] = load_prior(name, prior_path=path, image_size=self.spec.image_size,
+                                         keep_batchnorm_drift=self.cfg.prior_bn_drift, seed=self.cfg.seed).to(ws.device)
+            ws.prior_buffers[name] = to_cpu(dict(ws.priors[name].named_buffers()))
+        return ws.priors[name]
 
-    def _use_client_prior_statistics(self, ws: Workspace, state: dict[str, Any]) -> None:
+    def _use_client_prior_statistics(self, ws: Workspace, prior, client_id: int, state: dict[str, Any]) -> None:
         """With --prior_bn_drift every client has its own drifted prior, as in the reference (one
         prior per client process): the shared prior takes this client's BatchNorm buffers."""
-        buffers = state.get("prior-batchnorm", ws.prior_buffers)
-        for name, buffer in ws.prior.named_buffers():
+        buffers = state.get("prior-batchnorm", ws.prior_buffers[self.prior_name(client_id)])
+        for name, buffer in prior.named_buffers():
             buffer.copy_(buffers[name])
 
     def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
@@ -82,9 +91,9 @@ class FedMAS(FedAvg):
                       generator: torch.Generator) -> ClientReply:
         cfg = self.cfg
         model = self.load_start_model(ws, message, state)
-        prior = self.prior(ws)
+        prior = self.prior(ws, client.client_id)
         if cfg.prior_bn_drift:
-            self._use_client_prior_statistics(ws, state)
+            self._use_client_prior_statistics(ws, prior, client.client_id, state)
         counts = client.train.class_counts(self.spec.num_classes)
         make = lambda reduction: build_loss(cfg.loss_fn_name, counts.tolist(), reduction=reduction,  # noqa: E731
                                             global_class_counts=self.spec.global_class_counts)

@@ -390,3 +390,19 @@ def load(
     info = {"seed": seed, "scale": float(scale), "source": NAME, "image_size": image_size, "val_fraction": val_fraction,
             "generator_version": GENERATOR_VERSION, "difficulty": knobs, "cache_file": str(path)}  # fmt: skip
     return FederatedData(NAME, NUM_CLASSES, list(CLASS_NAMES), image_size, clients, info=info)
+
+
+def public_split(*, seed: int = 0, image_size: int = 32, count: int = 3072, **difficulty: float) -> Split:
+    """Unlabelled-style "public" images for self-supervised priors: drawn from all six hospitals'
+    acquisition processes with balanced classes, from random streams no client split uses (the
+    role ImageNet plays for the real MoCo-v2 prior). Labels are returned for evaluation only."""
+    if not isinstance(count, int) or count < NUM_CLIENTS * NUM_CLASSES:
+        raise ConfigError(f"count must be an integer >= {NUM_CLIENTS * NUM_CLASSES}, got {count!r}")
+    knobs = resolve_difficulty(difficulty)
+    modes = appearance_modes(seed, knobs)
+    mixtures = hospital_mode_mixtures(seed, knobs)
+    per_cell = torch.full((NUM_CLASSES,), count // (NUM_CLIENTS * NUM_CLASSES), dtype=torch.long)
+    with _one_thread():
+        parts = [generate_split(seed, centre, "public", per_cell, image_size, knobs, modes, mixtures)
+                 for centre in range(NUM_CLIENTS)]
+    return Split.concat(parts)

@@ -111,7 +111,7 @@ def model_builder(cfg: RunConfig, spec: TaskSpec) -> Callable[[], nn.Module]:
         if cfg.method == "moon":
             model = ProjectionModel(model, spec.num_classes, proj_dim=cfg.moon_proj_dim)
         elif cfg.method == "fedmas":
-            model = PriorAlignedModel(model, spec.num_classes, prior_dim(cfg.pre_trained_models))
+            model = PriorAlignedModel(model, spec.num_classes, prior_dim(cfg.pre_trained_models, cfg.prior_path, spec.image_size))
         if cosine:
             use_cosine_classifier(model)
         return model

@@ -158,9 +158,14 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
     spec = task_spec(data)
     initial_global_state(cfg, model_builder(cfg, spec))
     if cfg.method == "fedmas":  # a missing or mismatched prior file fails here, not in round 1
-        from fedward.priors import load_prior
+        from fedward.priors import client_prior_names, load_prior, resolve_auto
 
-        load_prior(cfg.pre_trained_models, prior_path=cfg.prior_path, image_size=spec.image_size)
+        if cfg.pre_trained_models == "auto":  # trains the self-supervised prior if needed; the run records the file
+            load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size)
+            cfg.prior_path = resolve_auto(spec.image_size, cfg.prior_path)
+        for name in sorted(set(client_prior_names(cfg.pre_trained_models, data.num_clients, cfg.seed))):
+            path = None if cfg.pre_trained_models == "mix" else cfg.prior_path
+            load_prior(name, prior_path=path, image_size=spec.image_size)
     if not cfg.output:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}")

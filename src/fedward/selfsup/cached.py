@@ -1,0 +1,66 @@
+"""The self-trained prior behind ``--pre_trained_models auto``: a MoCo-v2 ResNet-18 trained by
+fedward on the built-in data set's public split when no MoCo-v2 checkpoint is present, once per
+image size, cached in ``$FEDWARD_CACHE/priors``.
+
+ResNet-18 rather than MoCo's ResNet-50 keeps its training to a few minutes on a laptop CPU (and
+its 512-d features make every Fed-MAS step cheaper); ``fedward prior train --arch resnet50``
+trains the faithful architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from fedward.selfsup.moco import MocoSettings, train_moco
+
+PUBLIC_IMAGES = 3072
+# The synthetic world of the default --data_seed 0; the public split draws from its own random
+# streams, which no client split uses. The same prior serves runs of every --seed.
+PUBLIC_SEED = 0
+
+
+def cached_prior_settings(image_size: int) -> MocoSettings:
+    return MocoSettings(arch="resnet18", image_size=image_size, epochs=30, batch_size=128, seed=0)
+
+
+def cached_prior_path(image_size: int) -> Path:
+    from fedward.priors import default_prior_dir
+
+    key = {"settings": asdict(cached_prior_settings(image_size)), "public_images": PUBLIC_IMAGES,
+           "public_seed": PUBLIC_SEED, "generator": _generator_version()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return default_prior_dir() / f"selfsup-moco-v2-resnet18-{image_size}px-{digest}.pth.tar"
+
+
+def _generator_version() -> int:
+    from fedward.data.synthetic import GENERATOR_VERSION
+
+    return GENERATOR_VERSION
+
+
+def ensure_cached_prior(image_size: int, *, progress: bool = True) -> Path:
+    """Train the cached prior unless it is there. Training writes ``<file>.training`` after every
+    epoch (an interrupted training resumes from it) and renames it when complete."""
+    from fedward.data.synthetic import public_split
+    from fedward.engine.setup import notice
+
+    path = cached_prior_path(image_size)
+    if path.is_file():
+        return path
+    settings = cached_prior_settings(image_size)
+    partial = path.with_name(path.name + ".training")
+    notice(f"no MoCo-v2 checkpoint found (`fedward prior download moco` fetches it); training a self-supervised "
+           f"MoCo-v2 {settings.arch} prior on {PUBLIC_IMAGES} public images of the built-in data set, "
+           f"{settings.epochs} epochs, once; cached at {path}")
+    images = public_split(seed=PUBLIC_SEED, image_size=image_size, count=PUBLIC_IMAGES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = train_moco(images.images, settings, partial, labels=images.labels, source="synthetic public split",
+                         resume=partial.exists(), progress=progress, log=notice)
+    os.replace(partial, path)
+    notice(f"self-supervised prior ready: kNN accuracy of its features {summary['knn_before']:.3f} (random init) "
+           f"-> {summary['knn_after']:.3f}")
+    return path
