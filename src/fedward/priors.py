@@ -24,7 +24,7 @@ from torch import nn
 
 from fedward.download import RemoteFile
 from fedward.errors import CheckpointError, ConfigError
-from fedward.models import get_model, list_models
+from fedward.models import get_model, list_models, model_options
 from fedward.models.pretrained import MAX_KEYS_IN_ERROR, read_state_dict
 from fedward.seeding import numpy_generator
 
@@ -194,7 +194,9 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
         encoder.fc = nn.Identity()
         return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift)
     architecture, path = resolve_prior_file(name, prior_path)
-    encoder = get_model(architecture, num_classes=1, image_size=image_size, stem="imagenet")
+    # The real priors (and fedward's MoCo training) use the ImageNet stem at every image size.
+    stem = {"stem": "imagenet"} if "stem" in model_options(architecture) else {}
+    encoder = get_model(architecture, num_classes=1, image_size=image_size, **stem)
     encoder.fc = nn.Identity()  # f(x) is the pooled backbone feature, not a projection
     file_sd = {k: v for k, v in read_state_dict(path).items() if "fc" not in k.split(".")}
     model_sd = encoder.state_dict()

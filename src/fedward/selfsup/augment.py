@@ -59,11 +59,12 @@ class MocoV2Augment:
     """One random MoCo-v2 view of every image in a batch; call twice for the two views."""
 
     def __init__(self, image_size: int, *, crop_scale: tuple[float, float] = (0.2, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
                  grayscale_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         self.image_size = image_size
-        self.crop_scale = crop_scale
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.jitter, self.jitter_p, self.grayscale_p, self.blur_p = jitter, jitter_p, grayscale_p, blur_p
         factor = image_size / 224
         self.blur_sigma = (blur_sigma[0] * factor, blur_sigma[1] * factor)
@@ -79,7 +80,7 @@ class MocoV2Augment:
         device = images_uint8.device
         # Every draw is made for every image, in a fixed order, whatever the outcome.
         hflip = torch.rand(n, generator=generator) < 0.5
-        theta = resized_crop_theta(n, self.crop_scale, (3 / 4, 4 / 3), hflip, generator)
+        theta = resized_crop_theta(n, self.crop_scale, self.crop_ratio, hflip, generator)
         brightness, contrast, saturation = (_uniform(n, 1 - j, 1 + j, generator).float() for j in self.jitter[:3])
         hue = _uniform(n, -self.jitter[3], self.jitter[3], generator).float()
         do_jitter = torch.rand(n, generator=generator) < self.jitter_p
