@@ -1,14 +1,17 @@
 """Results on the built-in synthetic data set, several seeds, the same budget for every method.
 
-Runs FedAvg+CE, FedAvg+BSM, local (every hospital alone) and centralized (pooled) training, and
-prints a Markdown table of balanced accuracy (mean ± std over seeds):
+Grid ``main``: FedAvg+CE, FedAvg+BSM, local (every hospital alone) and centralized (pooled).
+Grid ``fedmas``: Fed-MAS with avg and mas aggregation aligned to a MoCo-v2
+prior fedward trains on the synthetic public split, and Fed-MAS+mas aligned to the same
+architecture untrained (the MoCo training's own initial weights: what the training contributes).
+Prints a Markdown table of balanced accuracy (mean ± std over seeds):
 - the global model on the pooled test set, at the final round and at the round chosen by the
   pooled validation balanced accuracy;
 - for local training, each hospital's own model on the pooled test set (FLamby's "Local i"),
   at its final round;
 - the unweighted mean over clients of each client's test split.
 
-Usage: python bench/bench_results.py [--seeds 0 1 2] [--rounds 20] [--out bench/results/synthetic]
+Usage: python bench/bench_results.py [--grid main|fedmas] [--seeds 0 1 2] [--rounds 20] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 from fedward.config import build_config
@@ -25,7 +29,38 @@ from fedward.metrics import mean_and_std
 from fedward.tracking import RunDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
-GRID = [("fedavg", "CE"), ("fedavg", "BSM"), ("local", "BSM"), ("centralized", "BSM")]
+GRIDS = {
+    "main": [("fedavg + CE", {"method": "fedavg", "loss_fn_name": "CE"}),
+             ("fedavg + BSM", {"method": "fedavg", "loss_fn_name": "BSM"}),
+             ("local + BSM", {"method": "local", "loss_fn_name": "BSM"}),
+             ("centralized + BSM", {"method": "centralized", "loss_fn_name": "BSM"})],
+    # FedAvg+CE/BSM of the main grid are the same runs (same settings and seeds, bit-identical on CPU).
+    "fedmas": [("fedmas avg, MoCo prior", {"method": "fedmas", "aggregate_method": "avg", "prior": "trained"}),
+               ("fedmas mas, MoCo prior", {"method": "fedmas", "aggregate_method": "mas", "prior": "trained"}),
+               ("fedmas mas, untrained prior", {"method": "fedmas", "aggregate_method": "mas", "prior": "untrained"})],
+}
+FEDMAS = {"loss_fn_name": "BSM", "free_u": 3.0}  # the seed README's Fed-MAS settings
+
+
+def prior_files(out: Path, image_size: int) -> dict[str, str]:
+    """The self-trained MoCo-v2 prior and its untrained twin (same settings, 0 epochs: the very
+    weights the training starts from), trained once into ``out``."""
+    from fedward.data.synthetic import public_split
+    from fedward.selfsup.cached import PUBLIC_IMAGES, PUBLIC_SEED, cached_prior_settings
+    from fedward.selfsup.moco import train_moco
+
+    settings = cached_prior_settings(image_size)
+    public = public_split(seed=PUBLIC_SEED, image_size=image_size, count=PUBLIC_IMAGES)
+    files = {}
+    for kind, epochs in (("trained", settings.epochs), ("untrained", 0)):
+        path = out / f"prior-{kind}-{settings.arch}-{image_size}px.pth.tar"
+        if not path.is_file() or torch.load(path, weights_only=True, mmap=True)["epoch"] < epochs:
+            settings.epochs = epochs
+            summary = train_moco(public.images, settings, path, labels=public.labels, source="synthetic public split",
+                                 resume=path.is_file(), progress=False)
+            print(f"prior {kind}: kNN accuracy {summary['knn_before']:.3f} -> {summary['knn_after']:.3f}", flush=True)
+        files[kind] = str(path)
+    return files
 
 
 def _fmt(values: list[float]) -> str:
@@ -33,20 +68,23 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def run_grid(base: dict, seeds: list[int], out: Path) -> dict:
+def run_grid(base: dict, grid: list[tuple[str, dict]], seeds: list[int], out: Path) -> dict:
     results: dict = {}
-    for method, loss in GRID:
+    priors = prior_files(out, base["image_size"]) if any(o.get("method") == "fedmas" for _, o in grid) else {}
+    for label, overrides in grid:
+        overrides = dict(overrides)
+        if overrides["method"] == "fedmas":
+            overrides = {**FEDMAS, **overrides, "pre_trained_models": priors[overrides.pop("prior")]}
         for seed in seeds:
-            name = f"{method}-{loss}-seed{seed}"
+            name = f"{label.replace(' + ', '-').replace(', ', '-').replace(' ', '_')}-seed{seed}"
             folder = out / name
             if (folder / "results.json").is_file():  # rerunning the script continues the grid
                 summary = json.loads((folder / "results.json").read_text())
             else:
-                cfg = build_config({**base, "method": method, "loss_fn_name": loss, "seed": seed,
-                                    "output": str(folder)})
+                cfg = build_config({**base, **overrides, "seed": seed, "output": str(folder)})
                 run_dir, data = prepare(cfg, overwrite=True)
                 summary = run(cfg, run_dir, data=data)
-            results.setdefault((method, loss), []).append(summary)
+            results.setdefault((label, overrides["method"]), []).append(summary)
             print(f"{name}: final {summary['final']['balanced_accuracy']:.3f}", flush=True)
     return results
 
@@ -54,14 +92,14 @@ def run_grid(base: dict, seeds: list[int], out: Path) -> dict:
 def table(results: dict, client_names: list[str]) -> str:
     lines = ["| method | pooled test BA, final round | pooled test BA, val-selected round | mean of client test BA (final) |",
              "| --- | --- | --- | --- |"]
-    for (method, loss), summaries in results.items():
+    for (label, method), summaries in results.items():
         if method == "local":
             continue
         final = [s["final"]["balanced_accuracy"] for s in summaries]
         selected = [s["selected"]["balanced_accuracy"] for s in summaries if s.get("selected")]
         clients = [s["mean_client_final"] for s in summaries]
-        lines.append(f"| {method} + {loss} | {_fmt(final)} | {_fmt(selected) if selected else 'n/a'} | {_fmt(clients)} |")
-    for (method, loss), summaries in results.items():
+        lines.append(f"| {label} | {_fmt(final)} | {_fmt(selected) if selected else 'n/a'} | {_fmt(clients)} |")
+    for (label, method), summaries in results.items():
         if method != "local":
             continue
         for key, name in enumerate(client_names):
@@ -69,12 +107,13 @@ def table(results: dict, client_names: list[str]) -> str:
                       for s in summaries]
             own = [s["per_client_final"][str(key)] if str(key) in s["per_client_final"] else s["per_client_final"][key]
                    for s in summaries]
-            lines.append(f"| local {name} alone + {loss} | {_fmt(pooled)} | — | own test: {_fmt(own)} |")
+            lines.append(f"| local {name} alone + BSM | {_fmt(pooled)} | — | own test: {_fmt(own)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="main")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="base settings")
     parser.add_argument("--rounds", type=int, default=None)
@@ -86,12 +125,12 @@ def main() -> None:
         base["comm_round"] = args.rounds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_grid(base, args.seeds, out)
-    first = RunDirectory.open_existing(out / f"local-BSM-seed{args.seeds[0]}").read_config()
+    results = run_grid(base, GRIDS[args.grid], args.seeds, out)
+    first = RunDirectory.open_existing(next(p for p in sorted(out.iterdir()) if (p / "config.yaml").is_file())).read_config()
     text = table(results, first.get("client_names") or [str(i) for i in range(6)])
     settings = ", ".join(f"{k}={base[k]}" for k in sorted(base) if k not in ("progress", "validate_client"))
     report = f"Seeds {args.seeds}; settings: {settings}\n\n{text}\n"
-    (out / "results.md").write_text(report)
+    (out / f"results-{args.grid}.md").write_text(report)
     print(report)
 
 

@@ -73,3 +73,12 @@ def test_missing_files_say_where_to_put_them(tmp_path, monkeypatch):
         load_prior("moco")
     with pytest.raises(ConfigError, match="neither one of"):
         load_prior("dinov2")
+
+
+def test_channels_last_prior_gives_the_same_features(tmp_path):
+    path = tmp_path / MOCO_FILE
+    _moco_checkpoint(path)
+    large, small = load_prior("moco", prior_path=path, image_size=224), load_prior("moco", prior_path=path, image_size=32)
+    assert large.channels_last and not small.channels_last
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(large(images), small(images), atol=1e-4)

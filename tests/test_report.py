@@ -10,7 +10,7 @@ import pytest
 
 from fedward.errors import FedwardError
 from fedward.tracking import RunDirectory, compare, format_summary_table, summarize, write_report
-from fedward.tracking.report import aggregation_weights, normalise_rows
+from fedward.tracking.report import aggregation_weights, normalise_rows, robust_factors
 
 # Pooled BA per round: validation peaks at round 2, test at round 3, so a best-on-test pick differs.
 POOLED_VAL_BA = {1: 0.50, 2: 0.70, 3: 0.65}
@@ -206,3 +206,21 @@ def test_compare_needs_runs(tmp_path: Path) -> None:
         compare([])
     with pytest.raises(FedwardError, match="nope"):
         compare([tmp_path / "nope"])
+
+
+def test_robust_factors_collects_rf_per_round_and_normalises_last_divergence(tmp_path: Path) -> None:
+    rows = [
+        {"round": 2, "scope": "aggregation", "clients": [0, 1], "weights": [0.4, 0.6], "robust_factor": [0.2, 0.3],
+         "divergence_before_0": [1.0, 0.0], "divergence_before_1": [3.0, 2.0]},
+        {"round": 1, "scope": "aggregation", "clients": [0, 1], "weights": [0.5, 0.5], "robust_factor": [0.25, 0.25],
+         "divergence_before_0": [1.0, 1.0], "divergence_before_1": [1.0, 1.0]},
+        {"round": 1, "scope": "aggregation", "clients": [0], "weights": [1.0]},  # a FedAvg row: no RF
+    ]
+    found = robust_factors(rows)
+    assert found["factors"] == {0: [(1, 0.25), (2, 0.2)], 1: [(1, 0.25), (2, 0.3)]}
+    assert found["last_round"] == 2 and found["classes"] == [0, 1]
+    assert found["share"] == [[0.25, 0.75], [0.0, 1.0]]  # client 1 lacks class 0
+    assert robust_factors([rows[2]]) == {}
+    run = make_run(tmp_path / "fedmas", global_run_rows() + rows[:2], {"method": "fedmas", "client_names": ["A", "B"]})
+    images = _embedded_pngs(write_report(run.path).read_text())
+    assert (run.path / "robust_factors.png").read_bytes() in images

@@ -183,9 +183,9 @@ def file_server(tmp_path):
     httpd.server_close()
 
 
-def _small_moco_file(path, arch="resnet8"):
+def _small_moco_file(path, arch="resnet8", seed=0):
     train_moco(_images(32, 16), MocoSettings(arch=arch, image_size=16, batch_size=16, bn_groups=2, epochs=0,
-                                             feature_dim=8), path, progress=False, log=lambda m: None)
+                                             feature_dim=8, seed=seed), path, progress=False, log=lambda m: None)
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
@@ -237,3 +237,29 @@ def test_auto_prior_trains_once_and_prefers_the_moco_file(tmp_path, monkeypatch,
     moco_file = priors.default_prior_dir() / priors.MOCO_FILE
     _small_moco_file(moco_file)
     assert priors.resolve_auto(16) == str(moco_file)
+
+
+def test_mix_run_gives_clients_their_own_prior(tmp_path, monkeypatch, tiny_values):
+    from fedward.config import build_config
+    from fedward.engine.setup import initial_global_state, load_data
+    from fedward.engine.simulation import ClientTask, Simulation
+    from fedward.errors import ConfigError
+
+    folder = priors.default_prior_dir()
+    _small_moco_file(folder / priors.MOCO_FILE)
+    _small_moco_file(folder / priors.PRIOR_FILES["IMAGENET1K_V1"][1], arch="resnet5")
+    with pytest.raises(ConfigError, match="different feature widths"):
+        priors.prior_dim("mix")
+    (folder / priors.PRIOR_FILES["IMAGENET1K_V1"][1]).unlink()
+    _small_moco_file(folder / priors.PRIOR_FILES["IMAGENET1K_V1"][1], seed=1)
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "mix", "free_u": 1})
+    sim = Simulation(cfg, load_data(cfg), "cpu")
+    state, _ = initial_global_state(cfg, sim.build_model)
+    names = priors.client_prior_names("mix", len(sim.training_clients), cfg.seed)
+    for k in (names.index("moco"), names.index("IMAGENET1K_V1")):
+        sim.run_client(ClientTask(1, k, sim.algorithm.server_message(1, state), {}), False)
+    assert set(sim.workspace.priors) == {"moco", "IMAGENET1K_V1"}
+    first, second = (sim.workspace.priors[n].encoder.state_dict()["conv1.weight"] for n in ("moco", "IMAGENET1K_V1"))
+    assert not torch.equal(first, second)  # two different files, one per group of clients
+    with pytest.raises(ConfigError, match="mix uses two files"):
+        build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "mix", "prior_path": "x.pth"})

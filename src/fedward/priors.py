@@ -50,6 +50,7 @@ REMOTE_PRIORS = {
 PRIOR_ALIASES = {"moco-v2": "moco", "moco_v2": "moco"}
 # --pre_trained_models mix: the reference assigns each client one of these (see client_prior_names).
 MIX = ("IMAGENET1K_V1", "moco")
+CHANNELS_LAST_MIN_SIZE = 128  # see FrozenPrior
 
 
 def default_prior_dir() -> Path:
@@ -67,10 +68,15 @@ class FrozenPrior(nn.Module):
     its prior runs once in train mode, so BatchNorm running statistics move towards the client's data.
     """
 
-    def __init__(self, encoder: nn.Module, *, keep_batchnorm_drift: bool = False):
+    def __init__(self, encoder: nn.Module, *, keep_batchnorm_drift: bool = False, channels_last: bool = False):
         super().__init__()
         self.encoder = encoder
         self.keep_batchnorm_drift = keep_batchnorm_drift
+        # channels_last is faster for ResNet-50 forwards at 128 px and up on CPU, slower below
+        # (bench/bench_fedmas.py); load_prior turns it on by image size.
+        self.channels_last = channels_last
+        if channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
         self.num_features = encoder.num_features
         for param in self.encoder.parameters():
             param.requires_grad_(False)
@@ -83,6 +89,8 @@ class FrozenPrior(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.encoder.embed(images)
 
 
@@ -192,7 +200,8 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
         generator = torch.Generator().manual_seed(seed)
         encoder = get_model("resnet50", num_classes=1, image_size=image_size, stem="imagenet", generator=generator)
         encoder.fc = nn.Identity()
-        return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift)
+        return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift,
+                           channels_last=image_size >= CHANNELS_LAST_MIN_SIZE)
     architecture, path = resolve_prior_file(name, prior_path)
     # The real priors (and fedward's MoCo training) use the ImageNet stem at every image size.
     stem = {"stem": "imagenet"} if "stem" in model_options(architecture) else {}
@@ -212,7 +221,8 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
                              + (f" (+{len(keys) - MAX_KEYS_IN_ERROR} more)" if len(keys) > MAX_KEYS_IN_ERROR else ""))
         raise CheckpointError(f"prior file {path} is not a {architecture} backbone: {'; '.join(parts)}")
     encoder.load_state_dict(file_sd, strict=False)
-    return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift)
+    return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift,
+                       channels_last=image_size >= CHANNELS_LAST_MIN_SIZE)
 
 
 def download_prior(name: str, folder: str | Path | None = None, *, accept_licence: bool = False,

@@ -24,7 +24,7 @@ PUBLIC_SEED = 0
 
 
 def cached_prior_settings(image_size: int) -> MocoSettings:
-    return MocoSettings(arch="resnet18", image_size=image_size, epochs=30, batch_size=128, seed=0)
+    return MocoSettings(arch="resnet18", image_size=image_size, epochs=10, seed=0)
 
 
 def cached_prior_path(image_size: int) -> Path:

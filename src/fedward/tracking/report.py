@@ -25,6 +25,7 @@ METRIC_LABELS = {"balanced_accuracy": "bal. acc.", "accuracy": "accuracy", "macr
 LEARNING_CURVES_PNG = "learning_curves.png"
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 AGGREGATION_WEIGHTS_PNG = "aggregation_weights.png"
+ROBUST_FACTORS_PNG = "robust_factors.png"
 COMPARISON_PNG = "comparison.png"
 
 # {round: row} for one (scope, model, data, split, client) series
@@ -453,6 +454,52 @@ def aggregation_weights_figure(rounds: list[int], clients: list[int], weights: l
     return figure
 
 
+def robust_factors(rows: list[dict]) -> dict:
+    """Fed-MAS's per-client robust factors RF_k per round and the last round's class-wise
+    divergences w_k (before training) normalised per client; empty when the run has none."""
+    found = [r for r in rows if r.get("scope") == "aggregation" and r.get("robust_factor") is not None]
+    if not found:
+        return {}
+    found.sort(key=lambda r: r["round"])
+    clients = sorted({int(c) for r in found for c in r.get("clients", [])})
+    factors = {c: [] for c in clients}
+    for row in found:
+        for c, value in zip(row["clients"], row["robust_factor"]):
+            factors[int(c)].append((row["round"], float(value)))
+    last = found[-1]
+    classes = sorted(int(k.rsplit("_", 1)[1]) for k in last if k.startswith("divergence_before_"))
+    share = []
+    for index, _client in enumerate(last["clients"]):
+        values = [last[f"divergence_before_{c}"][index] for c in classes]
+        total = sum(v for v in values if v > 0)
+        share.append([v / total if total > 0 else 0.0 for v in values])
+    return {"factors": factors, "last_round": last["round"], "classes": classes, "clients": last["clients"], "share": share}
+
+
+def robust_factors_figure(found: dict, client_names: list[str] | None = None, class_names: list[str] | None = None) -> Any:
+    """Left: RF_k per round (MAS weights are RF_k / sum RF). Right: w_k[c] / sum_c w_k[c] at the
+    last round; a client's RF is large when its divergence is spread over few classes."""
+    figure = _figure(12, 4)
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    name = lambda c: client_names[c] if client_names and c < len(client_names) else f"client {c}"  # noqa: E731
+    for index, (client, points) in enumerate(found["factors"].items()):
+        left.plot([r for r, _ in points], [v for _, v in points], marker="o", markersize=3, color=f"C{index % 10}",
+                  label=name(client))
+    _integer_rounds(left)
+    left.set_xlabel("round")
+    left.set_ylabel("robust factor RF_k")
+    left.set_title("Robust factors per client")
+    left.legend(fontsize="small")
+    share = found["share"]
+    image = right.imshow(share, cmap="viridis", vmin=0, aspect="auto")
+    labels = [class_names[c] if class_names and c < len(class_names) else str(c) for c in found["classes"]]
+    right.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
+    right.set_yticks(range(len(found["clients"])), [name(int(c)) for c in found["clients"]], fontsize=8)
+    right.set_title(f"w_k per class / sum (round {found['last_round']}; 0 = class absent)")
+    figure.colorbar(image, ax=right)
+    return figure
+
+
 # --------------------------------------------------------------------------------------------
 # report
 
@@ -498,6 +545,10 @@ def write_report(run_dir: RunDirectory | str | os.PathLike[str]) -> Path:
     rounds, clients, weights = aggregation_weights(rows)
     if rounds:
         add("Aggregation weights", AGGREGATION_WEIGHTS_PNG, aggregation_weights_figure(rounds, clients, weights))
+    factors = robust_factors(rows)
+    if factors:
+        add("Fed-MAS robust factors and class-wise divergence", ROBUST_FACTORS_PNG,
+            robust_factors_figure(factors, config_value(config, "client_names"), config_value(config, "class_names")))
 
     atomic_write_text(run.report_path, _render_html(run, config, summary, figures))
     return run.report_path
