@@ -129,3 +129,30 @@ def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values)
     # each client's prior drifted from the loaded statistics towards its own data, independently
     assert not torch.equal(first, clean[key]) and not torch.equal(second, clean[key])
     assert not torch.equal(first, second)
+
+
+def test_cached_prior_features_are_the_prior_on_unaugmented_images(tiny_values):
+    """Without augmentation f(x) of a batch equals the cached f(x): the two runs match; with
+    augmentation the cache is an approximation, computed once per client and reused."""
+    def one_client(cache, augment):
+        cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+                            "aggregate_method": "mas", "augment": augment, "cache_prior_features": cache})
+        sim = Simulation(cfg, load_data(cfg), "cpu")
+        state0, _ = initial_global_state(cfg, sim.build_model)
+        result = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0), {}), False)
+        return sim, result.reply
+
+    _, plain = one_client(False, False)
+    sim, cached = one_client(True, False)
+    assert plain.metrics["robust-factor"] == pytest.approx(cached.metrics["robust-factor"], rel=1e-4)
+    for key, value in plain.arrays.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, cached.arrays[key], atol=1e-4), key
+    features = sim.workspace.prior_features[("random", 0)]
+    assert features.shape == (len(sim.training_clients[0].train), 2048)
+    _, augmented = one_client(False, True)
+    _, approximated = one_client(True, True)
+    assert augmented.metrics["robust-factor"] != approximated.metrics["robust-factor"]
+    with pytest.raises(Exception, match="needs a fixed prior"):
+        build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "cache_prior_features": True,
+                      "prior_bn_drift": True})

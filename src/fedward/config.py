@@ -105,6 +105,7 @@ class RunConfig:
     pre_trained_models: str | None = None
     prior_path: str | None = None  # the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<file>)
     prior_bn_drift: bool = False  # reproduce the reference's round-0 BatchNorm drift of the prior
+    cache_prior_features: bool = False  # approximation: prior features of un-augmented images, computed once
     update_projector_head: str = "both"
     aggregate_method: str = "avg"
 
@@ -219,6 +220,8 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.pre_trained_models is not None,
                  "--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, mix, auto, random, "
                  "or a checkpoint file")
+        _require(not (cfg.cache_prior_features and cfg.prior_bn_drift),
+                 "--cache_prior_features needs a fixed prior; --prior_bn_drift changes it in round 1")
         _require(not (cfg.pre_trained_models == "mix" and cfg.prior_path),
                  "--pre_trained_models mix uses two files (moco and IMAGENET1K_V1) from the prior folder "
                  "($FEDWARD_CACHE/priors); drop --prior_path")
@@ -230,6 +233,7 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.free_u == 0, f"--free_u applies to --method fedmas only; got {cfg.free_u} with --method {cfg.method}")
         _require(cfg.pre_trained_models is None,
                  f"--pre_trained_models applies to --method fedmas only; got '{cfg.pre_trained_models}'")
+        _require(not cfg.cache_prior_features, "--cache_prior_features applies to --method fedmas only")
 
 
 def config_help() -> dict[str, str]:
@@ -283,6 +287,8 @@ def config_help() -> dict[str, str]:
                               "prior), random, or a checkpoint file",
         "prior_path": "the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<its file name>)",
         "prior_bn_drift": "reproduce the reference's quirk: the prior's BatchNorm statistics drift in round 0",
+        "cache_prior_features": "approximation, off by default: align to the prior's features of the un-augmented "
+                                "images, computed once per client, instead of a prior forward on every batch",
         "update_projector_head": "which heads a fedmas client takes from the global model: both, free, global",
         "aggregate_method": "server aggregation: avg, mas, mas_inv, mas_DRW (any case; mas variants need fedmas)",
     }

@@ -66,6 +66,9 @@ class Workspace:
         self._spares: dict[str, nn.Module] = {}
         self.priors: dict[str, nn.Module] = {}  # frozen priors by name, for methods that use them (fedmas)
         self.prior_buffers: dict[str, Arrays] = {}  # each prior's BatchNorm buffers as loaded
+        # (prior name, client id) -> prior features of that client's un-augmented train images;
+        # kept in the worker's memory only (recomputed identically after a resume)
+        self.prior_features: dict[tuple[str, int], torch.Tensor] = {}
 
     def spare_model(self, name: str) -> nn.Module:
         """A second model of the same architecture (e.g. MOON's global and previous models)."""

@@ -14,6 +14,10 @@ Departures from the reference, each cheap to state: the prior stays in eval mode
 (the reference hard-codes Adam's 3e-4 for fedmas; its README passes 3e-4 anyway); and
 ``--update_projector_head free|global`` keep the client's own copy of the other heads across
 rounds (the reference resets them to random weights every round, and crashes on ``free``).
+
+``--cache_prior_features`` (off by default) is a documented approximation for speed: the
+alignment target is the prior's feature of the un-augmented image, computed once per client,
+instead of f(aug(x)) on every batch.
 """
 
 from __future__ import annotations
@@ -81,11 +85,24 @@ class FedMAS(FedAvg):
             model.load_state_dict(state["local-heads"], strict=False)
         return model
 
-    def _divergence(self, prior, images, labels, z, p, per_sample_task) -> torch.Tensor:
+    def _divergence(self, target, labels, z, p, per_sample_task) -> torch.Tensor:
         """Per-sample divergence: alignment to the prior, or the supervised loss when free_u = 0."""
         if self.cfg.free_u == 0:
             return per_sample_task(z, labels).detach()
-        return alignment_loss(p, prior(images)).detach()
+        return alignment_loss(p, target()).detach()
+
+    def _cached_features(self, ws: Workspace, prior, client: ClientData) -> torch.Tensor:
+        """--cache_prior_features: f(x) of the client's un-augmented (normalised) train images,
+        computed once per worker. An approximation: the reference aligns p(aug(x)) to f(aug(x))."""
+        from fedward.data.augment import normalize
+
+        key = (self.prior_name(client.client_id), client.client_id)
+        if key not in ws.prior_features:
+            images = client.train.images
+            ws.prior_features[key] = torch.cat([
+                prior(normalize(images[i:i + 256].to(ws.device), self.spec.mean, self.spec.std))
+                for i in range(0, len(images), 256)])
+        return ws.prior_features[key]
 
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:
@@ -94,6 +111,11 @@ class FedMAS(FedAvg):
         prior = self.prior(ws, client.client_id)
         if cfg.prior_bn_drift:
             self._use_client_prior_statistics(ws, prior, client.client_id, state)
+        cached = self._cached_features(ws, prior, client) if cfg.cache_prior_features and cfg.free_u != 0 else None
+
+        def target(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return cached[index.to(cached.device)] if cached is not None else prior(images)
+
         counts = client.train.class_counts(self.spec.num_classes)
         make = lambda reduction: build_loss(cfg.loss_fn_name, counts.tolist(), reduction=reduction,  # noqa: E731
                                             global_class_counts=self.spec.global_class_counts)
@@ -114,7 +136,7 @@ class FedMAS(FedAvg):
                     images = ws.augment(split.images[index].to(ws.device), prepass)
                     labels = split.labels[index].to(ws.device)
                     z, p, _ = model.forward_all(images)
-                    before.add(self._divergence(prior, images, labels, z, p, per_sample_task), labels)
+                    before.add(self._divergence(lambda: target(images, index), labels, z, p, per_sample_task), labels)
             prior.train(False)
             if cfg.prior_bn_drift and message.round == 1:
                 state["prior-batchnorm"] = to_cpu(dict(prior.named_buffers()))
@@ -134,7 +156,7 @@ class FedMAS(FedAvg):
                 divergence = per_sample_task(z, labels).detach()
                 loss = task(z, labels) + task_aux(z2, labels)
             else:
-                per_sample = alignment_loss(p, prior(images))
+                per_sample = alignment_loss(p, target(images, index))
                 divergence = per_sample.detach()
                 loss = task(z, labels) + task_aux(z2, labels) + cfg.free_u * per_sample.mean()
             during.add(divergence, labels)
