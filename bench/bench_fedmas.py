@@ -6,7 +6,8 @@ For the same clients, batches and model (the README results setting: ResNet-18, 
 - the prior's own forward on exactly the images it sees in those rounds (the same augmented
   batches), timed alone.
 Target: Fed-MAS(avg) - FedAvg <= the prior's forward on the training batches (the heads are
-small). Also: the prior's forward in channels_last vs the default layout, at 32 and 224 px.
+small). Also: Fed-MAS(avg) with --cache_prior_features (features computed in the warm-up round),
+and the prior's forward in channels_last vs the default layout, at 32 and 224 px.
 Rounds are timed without the checkpoint (bench_engine measures that). Medians of ``repeats``.
 """
 
@@ -68,6 +69,8 @@ def _setting(prior_name: str, prior_path: str | None, quick: bool, repeats: int)
     timings: dict[str, list[float]] = {}
     for label, extra in (("fedavg", {"method": "fedavg"}),
                          ("fedmas_avg", {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg"}),
+                         ("fedmas_avg_cached", {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg",
+                                                "cache_prior_features": True}),
                          ("fedmas_mas", {"method": "fedmas", "free_u": 3.0, "aggregate_method": "mas"})):
         if extra["method"] == "fedmas":
             extra = {**extra, "pre_trained_models": prior_name, "prior_path": prior_path}
@@ -97,6 +100,7 @@ def _setting(prior_name: str, prior_path: str | None, quick: bool, repeats: int)
         **{f"{k}_s_median": round(v, 3) for k, v in median.items()},
         "fedmas_avg_over_fedavg": round(median["fedmas_avg"] / median["fedavg"], 2),
         "fedmas_mas_over_fedavg": round(median["fedmas_mas"] / median["fedavg"], 2),
+        "fedmas_avg_cached_over_fedavg": round(median["fedmas_avg_cached"] / median["fedavg"], 2),
         "prior_share_of_fedmas_avg": round(median["prior_train_batches"] / median["fedmas_avg"], 2),
         "prior_share_of_fedmas_mas": round(median["prior_all_batches"] / median["fedmas_mas"], 2),
         # <= 1: Fed-MAS adds no more than the prior's own forward (target)

@@ -74,7 +74,8 @@ def run_grid(base: dict, grid: list[tuple[str, dict]], seeds: list[int], out: Pa
     for label, overrides in grid:
         overrides = dict(overrides)
         if overrides["method"] == "fedmas":
-            overrides = {**FEDMAS, **overrides, "pre_trained_models": priors[overrides.pop("prior")]}
+            prior = priors[overrides.pop("prior")]
+            overrides = {**FEDMAS, **overrides, "pre_trained_models": prior}
         for seed in seeds:
             name = f"{label.replace(' + ', '-').replace(', ', '-').replace(' ', '_')}-seed{seed}"
             folder = out / name

@@ -12,12 +12,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_augment  # noqa: E402
 import bench_engine  # noqa: E402
+import bench_fedmas  # noqa: E402
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
     rows = []
-    for module in (bench_engine, bench_augment):
+    for module in (bench_engine, bench_augment, bench_fedmas):
         rows.extend(module.run(quick=quick))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -47,3 +47,13 @@ def test_yaml_file_round_trip_and_errors(tmp_path):
 def test_defaults_follow_the_reference():
     cfg = RunConfig()
     assert cfg.persist_optimizer_state and cfg.bn_policy == "average" and cfg.mu == 0.45
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "results.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    from fedward.config import load_yaml
+
+    cfg = build_config(load_yaml(Path(__file__).parent.parent / "configs" / name))
+    assert cfg.comm_round >= 1
