@@ -52,10 +52,12 @@ def _prior_batches(sim: Simulation, round_index: int, prepass: bool) -> list[tor
     return batches
 
 
-def _forward_time(prior, batches: list[torch.Tensor], channels_last: bool = False) -> float:
-    if channels_last:
-        prior = prior.to(memory_format=torch.channels_last)
-        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+def _forward_time(prior, batches: list[torch.Tensor], channels_last: bool | None = None) -> float:
+    """Seconds for the prior's forward on ``batches``; ``channels_last`` forces the layout (None:
+    the prior's own choice)."""
+    if channels_last is not None:
+        prior.channels_last = channels_last
+        prior.encoder.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     start = time.perf_counter()
     with torch.no_grad():
         for images in batches:
@@ -86,13 +88,11 @@ def _setting(prior_name: str, prior_path: str | None, quick: bool, repeats: int)
             all_batches = _prior_batches(sim, 2, prepass=True)
             timings["prior_train_batches"] = [_forward_time(prior, train_batches) for _ in range(repeats)]
             timings["prior_all_batches"] = [_forward_time(prior, all_batches) for _ in range(repeats)]
-            big = [torch.randn(16, 3, 224, 224) for _ in range(2 if quick else 4)]
+            big = [torch.randn(32, 3, 224, 224) for _ in range(2 if quick else 4)]
             prior224 = load_prior(prior_name, prior_path=prior_path, image_size=224)
             for layout, last in (("contiguous", False), ("channels_last", True)):
                 timings[f"prior_32px_{layout}"] = [_forward_time(prior, train_batches, last) for _ in range(repeats)]
                 timings[f"prior_224px_{layout}"] = [_forward_time(prior224, big, last) for _ in range(repeats)]
-                prior = load_prior(prior_name, prior_path=prior_path, image_size=32)
-                prior224 = load_prior(prior_name, prior_path=prior_path, image_size=224)
     median = {k: statistics.median(v) for k, v in timings.items()}
     return {
         "bench": "fedmas_round", "prior": prior_name if prior_path is None else Path(prior_path).name,

@@ -107,6 +107,16 @@ def test_the_seed_readme_commands_run_as_written(tmp_path, monkeypatch):
     assert _agg_rows(tmp_path / "run2")[0]["weights"] == pytest.approx(
         [x / sum(_agg_rows(tmp_path / "run2")[0]["robust_factor"]) for x in _agg_rows(tmp_path / "run2")[0]["robust_factor"]])
 
+    # The same commands on a user's existing Fed-MAS data folder (fake tree: real names and columns).
+    from test_fed_isic2019 import make_fedmas
+
+    make_fedmas(tmp_path / "data")
+    for index, command in enumerate(_seed_readme_commands()):
+        out = tmp_path / f"real{index}"
+        tiny = ["--comm_round", "1", "--image_size", "16", "--batch_size", "4", "--progress", "false", "--output", str(out)]
+        assert main(["run", *shlex.split(command), *tiny]) == 0, command
+        assert RunDirectory.open_existing(out).read_config()["client_names"][0] == "BCN"
+
 
 def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values):
     def run_two_clients(drift):

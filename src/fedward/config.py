@@ -75,6 +75,7 @@ class RunConfig:
     dataset: str = "synthetic"
     data_seed: int = 0  # the data set's seed; --seed varies training only
     data_dir: str | None = None
+    skip_bad_images: bool = False  # leave out unreadable images (counted in the run) instead of stopping
     image_size: int = 32
     data_scale: float = 0.2
     client_number: int | None = None  # None: the data set's natural number of clients
@@ -258,9 +259,11 @@ def config_help() -> dict[str, str]:
         "model": "model name from the registry (fedward models)",
         "stem": "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer and slower for small images)",
         "pre_trained_tv": "initialise the backbone from torchvision ImageNet weights: a file, or no value for torchvision's cache path",
-        "dataset": "data set name (built-in: synthetic)",
+        "dataset": "data set: synthetic (built in) or fed_isic2019 (with --data_dir)",
         "data_seed": "seed of the generated data set and its partition (--seed varies training only)",
-        "data_dir": "data folder; the built-in synthetic set is used when it does not exist (with a notice)",
+        "data_dir": "data folder (Fed-ISIC2019 in the FLamby or Fed-MAS layout); the built-in synthetic set is used "
+                    "when it does not exist (with a notice)",
+        "skip_bad_images": "leave out missing or unreadable images (their count is recorded) instead of stopping",
         "image_size": "image side in pixels",
         "data_scale": "fraction of Fed-ISIC2019's per-centre counts the synthetic set generates",
         "client_number": "number of clients (default: the data set's natural centres)",

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedward.algorithms.base import Arrays, TaskSpec, to_cpu
 from fedward.config import RunConfig
-from fedward.data import load_federated
+from fedward.data import DATASETS, load_federated
 from fedward.data.partition import repartition
 from fedward.data.types import ClientData, FederatedData
 from fedward.errors import ConfigError
@@ -56,21 +56,35 @@ def resolve_devices(cfg: RunConfig) -> list[str]:
     return ["cpu"]
 
 
+def _load_dataset(cfg: RunConfig) -> FederatedData:
+    """The data set before any re-partitioning: real data from --data_dir, else the synthetic set."""
+    dataset = cfg.dataset
+    if cfg.data_dir is not None and not Path(cfg.data_dir).exists():
+        notice(f"--data_dir {cfg.data_dir} does not exist: using the built-in synthetic data set instead")
+        dataset = "synthetic"
+    elif cfg.data_dir is not None and dataset == "synthetic":
+        dataset = "fed_isic2019"  # the seed's commands give only --data_dir data/Flamby_isic
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset '{dataset}' is unknown; expected one of: {', '.join(sorted(DATASETS))}")
+    if dataset == "synthetic":
+        if cfg.fold != 1:
+            raise ConfigError(f"--fold {cfg.fold}: the synthetic data set has a single fold, 1 (the reference code "
+                              "also ships only fold 1)")
+        return load_federated("synthetic", seed=cfg.data_seed, image_size=cfg.image_size, scale=cfg.data_scale,
+                              val_fraction=cfg.val_fraction)
+    if cfg.data_dir is None:
+        raise ConfigError(f"--dataset {dataset} needs --data_dir (the folder holding its files)")
+    data = load_federated(dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
+                          seed=cfg.data_seed, fold=cfg.fold, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
+    notice(f"{dataset} from {cfg.data_dir} ({data.info.get('layout', '?')} layout): "
+           f"{sum(len(c.train) + len(c.val) + len(c.test) for c in data.clients)} images"
+           + (f", {data.info['skipped_bad_images']} unreadable image(s) skipped" if data.info.get("skipped_bad_images") else ""))
+    return data
+
+
 def load_data(cfg: RunConfig) -> FederatedData:
     """The federated data set of this run, partitioned as the config says."""
-    if cfg.data_dir is not None:
-        if not Path(cfg.data_dir).exists():
-            notice(f"--data_dir {cfg.data_dir} does not exist: using the built-in synthetic data set instead")
-        else:
-            raise ConfigError(f"--data_dir {cfg.data_dir}: this version reads only the built-in synthetic data set; "
-                              "leave --data_dir out (loaders for real layouts come with the data-set release)")
-    if cfg.dataset != "synthetic":
-        raise ConfigError(f"--dataset '{cfg.dataset}' is unknown; expected one of: synthetic")
-    if cfg.fold != 1:
-        raise ConfigError(f"--fold {cfg.fold}: the {cfg.dataset} data set has a single fold, 1 (the reference code also "
-                          "ships only fold 1)")
-    data = load_federated(cfg.dataset, seed=cfg.data_seed, image_size=cfg.image_size, scale=cfg.data_scale,
-                          val_fraction=cfg.val_fraction)
+    data = _load_dataset(cfg)
     natural = data.num_clients
     method = cfg.partition_method
     if method == "homo" and cfg.client_number in (None, natural):

@@ -1,0 +1,241 @@
+"""Decode image files once into a fixed-size uint8 cache.
+
+``decode_images`` turns a list of image files into a uint8 (N, 3, S, S) tensor. With a
+``cache_dir`` the pixels go to a memory-mapped file ``<cache_dir>/<key>.u8`` (plus a small JSON
+sidecar ``<key>.json``) whose key covers every path's size and modification time and the settings,
+so a later call with the same files and settings decodes nothing at all, and a changed file or
+setting gives a new cache. Files that cannot be read are an error unless ``skip_bad`` is set, in
+which case they are left out and reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from fedward.errors import ConfigError, DataError
+
+# Bump whenever a change alters the decoded pixels or the file format: it is part of the cache key.
+CACHE_FORMAT_VERSION = 1
+PREPROCESSES = ("resize",)
+MAX_LISTED = 20  # bad files named in an error message
+MAX_WORKERS = 8  # decoding threads (Pillow releases the GIL while decoding and resizing)
+
+
+@dataclass
+class DecodedImages:
+    """``images`` uint8 (len(kept), 3, S, S); ``kept`` the indices of the input paths they come
+    from (ascending); ``bad`` (path, reason) for every input that could not be read."""
+
+    images: torch.Tensor
+    kept: list[int]
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    cache_file: Path | None = None
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The "resize" preprocessing: shorter side to ``size`` (bicubic, aspect kept), centre crop
+    ``size`` x ``size``, RGB. Returns uint8 (3, size, size)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_one(path: Path, size: int, preprocess: str) -> np.ndarray:
+    """Open, fully decode and preprocess one image file (raises on any unreadable file)."""
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            # libjpeg downscales by 1/2, 1/4 or 1/8 while decoding, keeping both sides >= size:
+            # several times faster on full-size photographs; the bicubic resize does the rest.
+            image.draft("RGB", (size, size))
+        image.load()
+        return resize_center_crop(image, size)
+
+
+def _file_stamp(path: Path) -> list:
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return [str(resolved), None, None]
+    return [str(resolved), stat.st_size, stat.st_mtime_ns]
+
+
+def cache_key(paths: list[Path], image_size: int, preprocess: str) -> str:
+    """sha256 over the format version, settings, and every file's resolved path, size and mtime."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_FORMAT_VERSION, image_size, preprocess]).encode())
+    for path in paths:
+        digest.update(b"\n" + json.dumps(_file_stamp(path)).encode())
+    return digest.hexdigest()[:32]
+
+
+def bad_images_message(bad: list[tuple[Path, str]]) -> str:
+    """One line naming the first ``MAX_LISTED`` unreadable files, their reasons, and the way out."""
+    parents = {Path(p).parent for p, _ in bad}
+    common = parents.pop() if len(parents) == 1 else None
+    listed = "; ".join(f"{Path(p).name if common else p} ({reason})" for p, reason in bad[:MAX_LISTED])
+    more = f" (+{len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+    where = f" in {common}" if common else ""
+    noun = "image" if len(bad) == 1 else "images"
+    return f"{len(bad)} {noun} could not be read{where}: {listed}{more}; pass --skip_bad_images to skip them"
+
+
+def _decode_into(target: np.ndarray, paths: list[Path], size: int, preprocess: str, progress: bool) -> dict[int, str]:
+    """Decode every path into ``target[i]``; returns {index: reason} for the files that failed."""
+    failures: dict[int, str] = {}
+
+    def work(index: int) -> None:
+        path = paths[index]
+        if not Path(path).is_file():
+            failures[index] = "missing file"
+            return
+        try:
+            target[index] = decode_one(path, size, preprocess)
+        except Exception as error:  # any unreadable, truncated or odd file is reported, not fatal here
+            failures[index] = f"{type(error).__name__}: {error}".strip()
+
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1, len(paths)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with tqdm(total=len(paths), desc="decoding images", unit="img", disable=not progress, leave=False) as bar:
+            for future in as_completed([pool.submit(work, i) for i in range(len(paths))]):
+                future.result()
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, drop the files not started yet
+    return failures
+
+
+def _read_cache(cache_dir: Path, key: str, count: int, size: int) -> DecodedImages | None:
+    """The cached result for ``key``, or None when there is no complete cache."""
+    sidecar, data = cache_dir / f"{key}.json", cache_dir / f"{key}.u8"
+    if not (sidecar.is_file() and data.is_file()):
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+        kept = [int(i) for i in meta["kept"]]
+        shape = (len(kept), 3, size, size)
+        if meta["count"] != count or tuple(meta["shape"]) != shape or data.stat().st_size != int(np.prod(shape)):
+            raise ValueError("size mismatch")
+        bad = [(Path(p), str(reason)) for p, reason in meta["bad"]]
+    except Exception as error:  # an unreadable or mismatched cache is rebuilt, never fatal
+        warnings.warn(f"image cache {sidecar} is unreadable ({type(error).__name__}); rebuilding it", RuntimeWarning, stacklevel=3)
+        return None
+    if shape[0] == 0:
+        images = np.zeros(shape, dtype=np.uint8)
+    else:
+        # Copy-on-write mapping: the file is opened read-only; an in-place write stays in memory.
+        images = np.memmap(data, dtype=np.uint8, mode="c", shape=shape)
+    return DecodedImages(torch.from_numpy(images), kept, bad, data)
+
+
+def _build_cache(cache_dir: Path, key: str, paths: list[Path], size: int, preprocess: str, *, keep_bad: bool,
+                 progress: bool) -> list[tuple[Path, str]]:  # fmt: skip
+    """Decode every path into ``<key>.u8`` (bad files left out) and write the ``<key>.json`` sidecar.
+
+    Returns the bad files. With bad files and not ``keep_bad`` nothing is written: a failure is only
+    remembered once the caller has chosen to skip it, so a fixed file is always tried again.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    full = cache_dir / f"{key}.all.{os.getpid()}.tmp"
+    temporary = cache_dir / f"{key}.u8.{os.getpid()}.tmp"
+    try:
+        slots = np.memmap(full, dtype=np.uint8, mode="w+", shape=(len(paths), 3, size, size)) if paths else None
+        failures = _decode_into(slots, paths, size, preprocess, progress) if paths else {}
+        bad = [(paths[i], failures[i]) for i in sorted(failures)]
+        if bad and not keep_bad:
+            return bad
+        kept = [i for i in range(len(paths)) if i not in failures]
+        if kept and not failures:
+            slots.flush()
+            del slots
+            os.replace(full, temporary)
+        elif kept:  # compact: the cache holds only the images that decoded, in input order
+            compact = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=(len(kept), 3, size, size))
+            for start in range(0, len(kept), 256):
+                compact[start : start + 256] = slots[kept[start : start + 256]]
+            compact.flush()
+            del compact, slots
+        else:
+            temporary.write_bytes(b"")
+        os.replace(temporary, cache_dir / f"{key}.u8")  # atomic: a reader never sees a partial file
+        meta = {"version": CACHE_FORMAT_VERSION, "count": len(paths), "shape": [len(kept), 3, size, size],
+                "preprocess": preprocess, "kept": kept, "bad": [[str(p), reason] for p, reason in bad]}  # fmt: skip
+        sidecar = cache_dir / f"{key}.json.{os.getpid()}.tmp"
+        sidecar.write_text(json.dumps(meta))
+        os.replace(sidecar, cache_dir / f"{key}.json")  # written last: its presence marks a complete cache
+        return bad
+    finally:
+        slots = None
+        for leftover in (full, temporary):
+            leftover.unlink(missing_ok=True)
+
+
+def _decode_in_memory(paths: list[Path], size: int, preprocess: str, progress: bool) -> DecodedImages:
+    slots = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    failures = _decode_into(slots, paths, size, preprocess, progress) if paths else {}
+    kept = [i for i in range(len(paths)) if i not in failures]
+    images = slots if not failures else slots[kept]
+    return DecodedImages(torch.from_numpy(images), kept, [(Path(paths[i]), failures[i]) for i in sorted(failures)], None)
+
+
+def decode_images(
+    paths: list[Path],
+    image_size: int,
+    *,
+    cache_dir: Path | None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    preprocess: str = "resize",
+) -> DecodedImages:
+    """Decode ``paths`` to uint8 (N, 3, image_size, image_size), through the cache in ``cache_dir``.
+
+    Unreadable files (missing, truncated, not an image) raise ``DataError`` naming them, unless
+    ``skip_bad``: then they are left out, ``kept`` says which inputs the images are, and ``bad``
+    lists the others with reasons. The cache remembers skipped files; a call without ``skip_bad``
+    never trusts that memory and tries them again.
+    """
+    if preprocess not in PREPROCESSES:
+        raise ConfigError(f"unknown image preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSES)}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    paths = [Path(p) for p in paths]
+    if cache_dir is None:
+        result = _decode_in_memory(paths, image_size, preprocess, progress)
+    else:
+        cache_dir = Path(cache_dir)
+        key = cache_key(paths, image_size, preprocess)
+        result = _read_cache(cache_dir, key, len(paths), image_size)
+        if result is not None and result.bad and not skip_bad:
+            result = None  # remembered failures are trusted only when skipping them: try them again
+        if result is None:
+            try:
+                bad = _build_cache(cache_dir, key, paths, image_size, preprocess, keep_bad=skip_bad, progress=progress)
+            except OSError as error:
+                warnings.warn(f"could not write the image cache in {cache_dir} ({error}); decoding in memory", RuntimeWarning, stacklevel=2)
+                result = _decode_in_memory(paths, image_size, preprocess, progress)
+            else:
+                if bad and not skip_bad:
+                    raise DataError(bad_images_message(bad))
+                result = _read_cache(cache_dir, key, len(paths), image_size)
+                if result is None:
+                    raise DataError(f"could not read back the image cache {cache_dir / key}.u8 just written")
+    if result.bad and not skip_bad:
+        raise DataError(bad_images_message(result.bad))
+    return result
