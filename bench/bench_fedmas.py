@@ -68,31 +68,39 @@ def _forward_time(prior, batches: list[torch.Tensor], channels_last: bool | None
 def _setting(prior_name: str, prior_path: str | None, quick: bool, repeats: int) -> dict:
     base = dict(model="resnet18", image_size=32, batch_size=32, adam=True, lr=1e-3, data_scale=0.05 if quick else 0.1,
                 loss_fn_name="BSM", progress=False, comm_round=10)
-    timings: dict[str, list[float]] = {}
-    for label, extra in (("fedavg", {"method": "fedavg"}),
-                         ("fedmas_avg", {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg"}),
-                         ("fedmas_avg_cached", {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg",
-                                                "cache_prior_features": True}),
-                         ("fedmas_mas", {"method": "fedmas", "free_u": 3.0, "aggregate_method": "mas"})):
+    variants = {"fedavg": {"method": "fedavg"},
+                "fedmas_avg": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg"},
+                "fedmas_avg_cached": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg",
+                                      "cache_prior_features": True},
+                "fedmas_mas": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "mas"}}
+    runs = {}
+    for label, extra in variants.items():
         if extra["method"] == "fedmas":
             extra = {**extra, "pre_trained_models": prior_name, "prior_path": prior_path}
         cfg = build_config({**base, **extra})
         sim = Simulation(cfg, load_data(cfg), "cpu")
         state, _ = initial_global_state(cfg, sim.build_model)
         states = [{} for _ in sim.training_clients]
-        _round(sim, state, states, 1)  # warm-up: the prior loads, optimizer states appear
-        timings[label] = [_round(sim, state, states, r + 2) for r in range(repeats)]
-        if label == "fedmas_mas":
-            prior = load_prior(prior_name, prior_path=prior_path, image_size=32)
-            train_batches = _prior_batches(sim, 2, prepass=False)
-            all_batches = _prior_batches(sim, 2, prepass=True)
-            timings["prior_train_batches"] = [_forward_time(prior, train_batches) for _ in range(repeats)]
-            timings["prior_all_batches"] = [_forward_time(prior, all_batches) for _ in range(repeats)]
-            big = [torch.randn(32, 3, 224, 224) for _ in range(2 if quick else 4)]
-            prior224 = load_prior(prior_name, prior_path=prior_path, image_size=224)
-            for layout, last in (("contiguous", False), ("channels_last", True)):
-                timings[f"prior_32px_{layout}"] = [_forward_time(prior, train_batches, last) for _ in range(repeats)]
-                timings[f"prior_224px_{layout}"] = [_forward_time(prior224, big, last) for _ in range(repeats)]
+        _round(sim, state, states, 1)  # warm-up: the prior loads, cached features and optimizer states appear
+        runs[label] = (sim, state, states)
+    prior = load_prior(prior_name, prior_path=prior_path, image_size=32)
+    prior224 = load_prior(prior_name, prior_path=prior_path, image_size=224)
+    sim = runs["fedmas_mas"][0]
+    train_batches, all_batches = _prior_batches(sim, 2, prepass=False), _prior_batches(sim, 2, prepass=True)
+    big = [torch.randn(32, 3, 224, 224) for _ in range(2 if quick else 4)]
+    timings: dict[str, list[float]] = {}
+    # Interleaved, one repeat of everything at a time, so a drift in the machine's speed (which
+    # is large on this shared machine) hits every variant alike.
+    for r in range(repeats):
+        for label, (sim, state, states) in runs.items():
+            timings.setdefault(label, []).append(_round(sim, state, states, r + 2))
+        timings.setdefault("prior_train_batches", []).append(_forward_time(prior, train_batches))
+        timings.setdefault("prior_all_batches", []).append(_forward_time(prior, all_batches))
+        for layout, last in (("contiguous", False), ("channels_last", True)):
+            timings.setdefault(f"prior_32px_{layout}", []).append(_forward_time(prior, train_batches, last))
+            timings.setdefault(f"prior_224px_{layout}", []).append(_forward_time(prior224, big, last))
+        prior.channels_last = False
+        prior.encoder.to(memory_format=torch.contiguous_format)
     median = {k: statistics.median(v) for k, v in timings.items()}
     return {
         "bench": "fedmas_round", "prior": prior_name if prior_path is None else Path(prior_path).name,

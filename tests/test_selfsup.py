@@ -223,6 +223,7 @@ def test_downloaded_file_of_the_wrong_architecture_is_reported(file_server, tmp_
 
 
 def test_auto_prior_trains_once_and_prefers_the_moco_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDWARD_CACHE", str(tmp_path / "cache"))  # a prior folder of its own
     monkeypatch.setattr(cached, "cached_prior_settings",
                         lambda size: MocoSettings(arch="smallcnn", image_size=size, batch_size=16, bn_groups=2, epochs=1,
                                                   feature_dim=8))
@@ -245,6 +246,7 @@ def test_mix_run_gives_clients_their_own_prior(tmp_path, monkeypatch, tiny_value
     from fedward.engine.simulation import ClientTask, Simulation
     from fedward.errors import ConfigError
 
+    monkeypatch.setenv("FEDWARD_CACHE", str(tmp_path / "cache"))  # a prior folder of its own
     folder = priors.default_prior_dir()
     _small_moco_file(folder / priors.MOCO_FILE)
     _small_moco_file(folder / priors.PRIOR_FILES["IMAGENET1K_V1"][1], arch="resnet5")

@@ -50,9 +50,8 @@ REMOTE_PRIORS = {
 PRIOR_ALIASES = {"moco-v2": "moco", "moco_v2": "moco"}
 # --pre_trained_models mix: the reference assigns each client one of these (see client_prior_names).
 MIX = ("IMAGENET1K_V1", "moco")
-# channels_last is used for ResNet-50 priors from 128 px (the environment notes measured 455 -> 378
-# ms per ResNet-50 forward at 224 px on this CPU); it is slower at small sizes and for ResNet-18
-# (bench/bench_fedmas.py, README).
+# channels_last from 128 px: bench/bench_fedmas.py measured the prior's forward at 224 px (batch 32,
+# 2 CPU threads) 1.47x faster for ResNet-50 and 1.29x for ResNet-18, and 0.95-0.97x at 32 px.
 CHANNELS_LAST_MIN_SIZE = 128
 
 
@@ -75,7 +74,7 @@ class FrozenPrior(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.keep_batchnorm_drift = keep_batchnorm_drift
-        # channels_last: see CHANNELS_LAST_MIN_SIZE; load_prior turns it on by architecture and size.
+        # channels_last: see CHANNELS_LAST_MIN_SIZE; load_prior turns it on by image size.
         self.channels_last = channels_last
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
@@ -224,7 +223,7 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
         raise CheckpointError(f"prior file {path} is not a {architecture} backbone: {'; '.join(parts)}")
     encoder.load_state_dict(file_sd, strict=False)
     return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift,
-                       channels_last=architecture == "resnet50" and image_size >= CHANNELS_LAST_MIN_SIZE)
+                       channels_last=image_size >= CHANNELS_LAST_MIN_SIZE)
 
 
 def download_prior(name: str, folder: str | Path | None = None, *, accept_licence: bool = False,
