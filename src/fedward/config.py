@@ -76,6 +76,7 @@ class RunConfig:
     data_seed: int = 0  # the data set's seed; --seed varies training only
     data_dir: str | None = None
     skip_bad_images: bool = False  # leave out unreadable images (counted in the run) instead of stopping
+    data_flag: str = "dermamnist"  # --dataset medmnist: which <flag>.npz in --data_dir
     image_size: int = 32
     data_scale: float = 0.2
     client_number: int | None = None  # None: the data set's natural number of clients
@@ -259,7 +260,9 @@ def config_help() -> dict[str, str]:
         "model": "model name from the registry (fedward models)",
         "stem": "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer and slower for small images)",
         "pre_trained_tv": "initialise the backbone from torchvision ImageNet weights: a file, or no value for torchvision's cache path",
-        "dataset": "data set: synthetic (built in) or fed_isic2019 (with --data_dir)",
+        "dataset": "data set: synthetic (built in); with --data_dir: fed_isic2019, medmnist, folders "
+                   "(<client>/<train|val|test>/<class>/*)",
+        "data_flag": "--dataset medmnist: the <flag>.npz file to read (dermamnist, pathmnist, ...)",
         "data_seed": "seed of the generated data set and its partition (--seed varies training only)",
         "data_dir": "data folder (Fed-ISIC2019 in the FLamby or Fed-MAS layout); the built-in synthetic set is used "
                     "when it does not exist (with a notice)",

@@ -184,7 +184,7 @@ def prior_dim_of(architecture: str) -> int:
 
 
 def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: int = 224,
-               keep_batchnorm_drift: bool = False, seed: int = 0) -> FrozenPrior:
+               keep_batchnorm_drift: bool = False, seed: int = 0, progress: bool = True) -> FrozenPrior:
     """Build the prior's encoder and load its backbone weights (every backbone key must be in the
     file; MoCo's MLP head and key encoder are dropped). ``random``: a seeded, randomly initialised
     ResNet-50 (the control that shows what the prior's training contributes)."""
@@ -193,7 +193,7 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
 
         resolved = resolve_auto(image_size, prior_path)
         if not Path(resolved).is_file():
-            ensure_cached_prior(image_size)
+            ensure_cached_prior(image_size, progress=progress)
         name, prior_path = resolved, None
     if name == "mix":
         raise ConfigError("--pre_trained_models mix is resolved per client; load one of its priors by name")

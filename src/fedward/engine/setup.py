@@ -74,8 +74,19 @@ def _load_dataset(cfg: RunConfig) -> FederatedData:
                               val_fraction=cfg.val_fraction)
     if cfg.data_dir is None:
         raise ConfigError(f"--dataset {dataset} needs --data_dir (the folder holding its files)")
-    data = load_federated(dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
-                          seed=cfg.data_seed, fold=cfg.fold, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
+    if dataset == "medmnist":
+        # MedMNIST has no natural clients: the loader splits the official train set itself.
+        method = {"natural": "dirichlet", "homo": "iid"}.get(cfg.partition_method, cfg.partition_method)
+        data = load_federated(dataset, data_dir=cfg.data_dir, flag=cfg.data_flag, image_size=cfg.image_size,
+                              num_clients=cfg.client_number or 4, partition=method, alpha=cfg.partition_alpha,
+                              seed=cfg.data_seed, classes_per_client=cfg.classes_per_client)
+    elif dataset == "folders":
+        data = load_federated(dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
+                              seed=cfg.data_seed, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
+    else:
+        data = load_federated(dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
+                              seed=cfg.data_seed, fold=cfg.fold, skip_bad_images=cfg.skip_bad_images,
+                              progress=cfg.progress)
     notice(f"{dataset} from {cfg.data_dir} ({data.info.get('layout', '?')} layout): "
            f"{sum(len(c.train) + len(c.val) + len(c.test) for c in data.clients)} images"
            + (f", {data.info['skipped_bad_images']} unreadable image(s) skipped" if data.info.get("skipped_bad_images") else ""))
@@ -85,6 +96,8 @@ def _load_dataset(cfg: RunConfig) -> FederatedData:
 def load_data(cfg: RunConfig) -> FederatedData:
     """The federated data set of this run, partitioned as the config says."""
     data = _load_dataset(cfg)
+    if data.name == "medmnist":  # already split over --client_number clients by --partition_method
+        return data
     natural = data.num_clients
     method = cfg.partition_method
     if method == "homo" and cfg.client_number in (None, natural):

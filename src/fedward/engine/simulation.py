@@ -161,7 +161,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
         from fedward.priors import client_prior_names, load_prior, resolve_auto
 
         if cfg.pre_trained_models == "auto":  # trains the self-supervised prior if needed; the run records the file
-            load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size)
+            load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size, progress=cfg.progress)
             cfg.prior_path = resolve_auto(spec.image_size, cfg.prior_path)
         for name in sorted(set(client_prior_names(cfg.pre_trained_models, data.num_clients, cfg.seed))):
             path = None if cfg.pre_trained_models == "mix" else cfg.prior_path

@@ -1,0 +1,54 @@
+"""`fedward run` end to end on every real-data layout, on fake trees with the real file names."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedward.cli import main
+from fedward.tracking import RunDirectory
+
+TINY = ["--model", "smallcnn", "--image_size", "16", "--comm_round", "1", "--batch_size", "4", "--progress", "false",
+        "--threads", "1"]
+
+
+def _run(args, out):
+    assert main(["run", *args, *TINY, "--output", str(out)]) == 0
+    return RunDirectory.open_existing(out).read_config()
+
+
+def test_medmnist_run_splits_over_client_number(tmp_path):
+    from test_medmnist import write_npz
+
+    write_npz(tmp_path / "dermamnist.npz", rgb=True)
+    config = _run(["--dataset", "medmnist", "--data_dir", str(tmp_path), "--client_number", "3",
+                   "--partition_method", "hetero", "--partition_alpha", "0.5", "--method", "fedavg"], tmp_path / "run")
+    assert len(config["client_names"]) == 3 and len(config["class_names"]) == 7
+
+
+def test_folders_run_takes_clients_and_classes_from_the_tree(tmp_path):
+    from test_folders import make_tree
+
+    make_tree(tmp_path / "hospitals")
+    config = _run(["--dataset", "folders", "--data_dir", str(tmp_path / "hospitals"), "--method", "fedprox"],
+                  tmp_path / "run")
+    assert config["client_names"] == ["alpha", "beta"] and config["class_names"] == ["benign", "malignant", "other"]
+
+
+def test_fed_isic2019_flamby_layout_run(tmp_path):
+    from test_fed_isic2019 import make_flamby
+
+    make_flamby(tmp_path / "isic")
+    config = _run(["--data_dir", str(tmp_path / "isic"), "--method", "fedavg", "--loss_fn_name", "BSM"], tmp_path / "run")
+    assert config["client_names"][4] == "MSK"
+
+
+def test_dataset_without_data_dir_is_an_error(capsys):
+    assert main(["run", "--dataset", "folders", *TINY]) == 2
+    assert "needs --data_dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["medmnist", "folders", "fed_isic2019"])
+def test_registered(name):
+    from fedward.data import DATASETS
+
+    assert DATASETS[name].NAME == name
