@@ -52,3 +52,17 @@ def test_registered(name):
     from fedward.data import DATASETS
 
     assert DATASETS[name].NAME == name
+
+
+def test_data_check_reports_counts_per_client_and_class(tmp_path, capsys):
+    from test_folders import TREE, make_tree
+
+    make_tree(tmp_path / "hospitals")
+    assert main(["data", "check", str(tmp_path / "hospitals"), "--dataset", "folders", "--image_size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "folders: 2 clients, 3 classes" in out
+    beta_train = next(line for line in out.splitlines() if line.startswith("1 beta") and " train " in line)
+    # beta/train: benign 4, malignant 2, other 0 (carved val takes a share of train)
+    numbers = [int(x) for x in beta_train.split()[3:]]
+    assert numbers[2] == 0 and numbers[3] == sum(numbers[:3]) and sum(numbers[:3]) <= sum(TREE["beta"]["train"].values())
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2

@@ -1,4 +1,4 @@
-"""Command line: ``fedward run``, ``fedward report``, ``fedward models``, ``fedward prior``.
+"""Command line: ``fedward run``, ``fedward report``, ``fedward models``, ``fedward prior``, ``fedward data``.
 
 ``fedward run`` accepts the Fed-MAS reference code's flags (``--method``, ``--client_number``,
 ``--comm_round``, ``--adam``, ``--loss_fn_name``, ...), so its README commands work with
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
     _add_prior_parser(subparsers)
+    data = subparsers.add_parser("data", help="inspect a data folder")
+    data_actions = data.add_subparsers(dest="data_command", required=True)
+    check = data_actions.add_parser("check", help="report clients, classes and counts of a data folder, without training",
+                                    description="Load a data folder as a run would (decoding images into the cache) "
+                                                "and report what was found; bad files are errors that name them.")
+    check.add_argument("data_dir", metavar="DIR")
+    check.add_argument("--dataset", default="fed_isic2019", help="fed_isic2019 (default), medmnist or folders")
+    check.add_argument("--data_flag", default="dermamnist", help="--dataset medmnist: the <flag>.npz to read")
+    check.add_argument("--image_size", type=int, default=32, help="decoding size (default: 32)")
+    check.add_argument("--skip_bad_images", action="store_true", help="list unreadable images instead of stopping")
     return parser
 
 
@@ -182,6 +192,38 @@ def _prior_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedward.engine.setup import load_data
+    from fedward.tracking.report import format_table
+
+    if not Path(args.data_dir).exists():
+        raise ConfigError(f"data folder {args.data_dir} does not exist")
+    cfg = build_config({"dataset": args.dataset, "data_dir": args.data_dir, "data_flag": args.data_flag,
+                        "image_size": args.image_size, "skip_bad_images": args.skip_bad_images, "progress": True})
+    data = load_data(cfg)
+    header = ["client", "split", *data.class_names, "total"]
+    body = []
+    for client in data.clients:
+        for split in ("train", "val", "test"):
+            counts = getattr(client, split).class_counts(data.num_classes).tolist()
+            body.append([f"{client.client_id} {client.name}", split, *map(str, counts), str(sum(counts))])
+    pooled = {split: data.class_counts(split).sum(dim=0).tolist() for split in ("train", "val", "test")}
+    body += [["all", split, *map(str, counts), str(sum(counts))] for split, counts in pooled.items()]
+    print(f"{data.name}: {data.num_clients} clients, {data.num_classes} classes, images decoded at "
+          f"{data.image_size} px" + (f" ({data.info['layout']} layout)" if data.info.get("layout") else ""))
+    print(format_table(header, body, left_columns=2))
+    missing = [(c.name, data.class_names[k]) for c in data.clients for k in range(data.num_classes)
+               if c.test.class_counts(data.num_classes)[k] > 0 and c.train.class_counts(data.num_classes)[k] == 0]
+    for name, cls in missing:
+        print(f"note: {name} has class {cls} in test but not in train")
+    skipped = data.info.get("skipped_bad_images") or data.info.get("bad_images")
+    if skipped:
+        print(f"unreadable images skipped: {skipped}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -191,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             _reject_dead_flags(unknown)
         handler = {"run": command_run, "report": command_report, "models": command_models,
-                   "prior": command_prior}[args.command]
+                   "prior": command_prior, "data": command_data}[args.command]
         return handler(args)
     except FedwardError as err:
         print(f"fedward: error: {err}", file=sys.stderr)
