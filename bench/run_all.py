@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_augment  # noqa: E402
+import bench_cache  # noqa: E402
 import bench_engine  # noqa: E402
 import bench_fedmas  # noqa: E402
 
@@ -18,7 +19,7 @@ import bench_fedmas  # noqa: E402
 def main() -> None:
     quick = "--quick" in sys.argv
     rows = []
-    for module in (bench_engine, bench_augment, bench_fedmas):
+    for module in (bench_engine, bench_augment, bench_fedmas, bench_cache):
         rows.extend(module.run(quick=quick))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

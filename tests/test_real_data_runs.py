@@ -66,3 +66,18 @@ def test_data_check_reports_counts_per_client_and_class(tmp_path, capsys):
     numbers = [int(x) for x in beta_train.split()[3:]]
     assert numbers[2] == 0 and numbers[3] == sum(numbers[:3]) and sum(numbers[:3]) <= sum(TREE["beta"]["train"].values())
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+
+
+def test_data_prepare_cli_resizes_and_resumes(tmp_path, capsys):
+    from PIL import Image
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (200, 100 + i, 50)).save(raw / f"ISIC_{i:07d}.jpg")
+    out = tmp_path / "ISIC_2019_Training_Input_preprocessed"
+    args = ["data", "prepare", "isic2019", "--src", str(raw), "--dst", str(out), "--size", "16", "--workers", "1"]
+    assert main(args) == 0 and "prepared 3 images, 0 already done" in capsys.readouterr().out
+    with Image.open(out / "ISIC_0000000.jpg") as image:
+        assert image.size == (21, 16)
+    assert main(args) == 0 and "prepared 0 images, 3 already done" in capsys.readouterr().out

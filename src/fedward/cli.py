@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--data_flag", default="dermamnist", help="--dataset medmnist: the <flag>.npz to read")
     check.add_argument("--image_size", type=int, default=32, help="decoding size (default: 32)")
     check.add_argument("--skip_bad_images", action="store_true", help="list unreadable images instead of stopping")
+    prepare = data_actions.add_parser("prepare", help="FLamby's ISIC 2019 preprocessing (resumable, parallel)",
+                                      description="Resize the raw ISIC 2019 JPEGs (short side to --size, aspect kept) "
+                                                  "and apply Shades-of-Gray colour constancy (p = 6), as FLamby does.")
+    prepare.add_argument("name", choices=["isic2019"])
+    prepare.add_argument("--src", required=True, metavar="RAW", help="folder of the raw ISIC_2019_Training_Input JPEGs")
+    prepare.add_argument("--dst", required=True, metavar="DIR",
+                         help="output folder (FLamby calls it ISIC_2019_Training_Input_preprocessed)")
+    prepare.add_argument("--size", type=int, default=224, help="short side after resizing (default: 224)")
+    prepare.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
     return parser
 
 
@@ -194,6 +203,13 @@ def _prior_train(args: argparse.Namespace) -> int:
 
 def command_data(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.data_command == "prepare":
+        from fedward.data.prepare import prepare_isic2019
+
+        counts = prepare_isic2019(Path(args.src), Path(args.dst), size=args.size, workers=args.workers)
+        print(f"prepared {counts['done']} images, {counts['skipped']} already done: {args.dst}")
+        return 0
 
     from fedward.engine.setup import load_data
     from fedward.tracking.report import format_table
