@@ -22,14 +22,12 @@ the image cache (``fedward.data.imagecache``).
 from __future__ import annotations
 
 import csv
-import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fedward.data.imagecache import decode_images
+from fedward.data.imagecache import decode_splits, default_cache_dir  # noqa: F401 (re-exported)
 from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
@@ -50,11 +48,6 @@ FEDMAS_IMAGE_DIR = "ISIC_2019_Training_Input"  # a sibling of data_dir (Fed-MAS:
 FEDMAS_COLUMNS = ("image_name", "dx")
 SPLITS = ("train", "test")
 MAX_LISTED = 20
-
-
-def default_cache_dir() -> Path:
-    """``$FEDWARD_CACHE/decoded`` (``~/.cache/fedward/decoded`` when unset)."""
-    return Path(os.environ.get("FEDWARD_CACHE") or Path.home() / ".cache" / "fedward") / "decoded"
 
 
 def fedmas_csv(data_dir: Path, split: str, client: int, fold: int) -> Path:
@@ -230,20 +223,8 @@ def load(
     # One cache for the whole data set, ordered client by client, train then test: every split is
     # then a contiguous slice (a view) of the cache.
     order = [(centre, split) for centre in range(NUM_CLIENTS) for split in SPLITS]
-    paths = [path for key in order for path, _ in listing[key]]
-    labels = torch.tensor([label for key in order for _, label in listing[key]], dtype=torch.int64)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    decoded = decode_images(paths, image_size, cache_dir=cache, skip_bad=skip_bad_images, progress=progress)
-    kept = np.asarray(decoded.kept, dtype=np.int64)
-    kept_labels = labels[torch.from_numpy(kept)]
-
-    parts: dict[tuple[int, str], Split] = {}
-    start = 0
-    for key in order:
-        stop = start + len(listing[key])
-        low, high = np.searchsorted(kept, [start, stop])
-        parts[key] = Split(decoded.images[low:high], kept_labels[low:high])
-        start = stop
+    parts, decoded = decode_splits(listing, order, image_size, cache_dir=cache_dir, skip_bad=skip_bad_images,
+                                   progress=progress)
     if decoded.bad:
         _check_clients({key: range(len(split)) for key, split in parts.items()}, f"{data_dir} after skipping unreadable images")
 

@@ -19,14 +19,11 @@ centre crop) through the image cache (``fedward.data.imagecache``).
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from fedward.data.imagecache import decode_images
+from fedward.data.imagecache import decode_splits, default_cache_dir  # noqa: F401 (re-exported)
 from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
@@ -46,11 +43,6 @@ MAX_LISTED = 20
 
 # (client, split) -> [(path, class name)]
 Listing = dict[tuple[str, str], list[tuple[Path, str]]]
-
-
-def default_cache_dir() -> Path:
-    """``$FEDWARD_CACHE/decoded`` (``~/.cache/fedward/decoded`` when unset)."""
-    return Path(os.environ.get("FEDWARD_CACHE") or Path.home() / ".cache" / "fedward") / "decoded"
 
 
 def _visible(path: Path) -> bool:
@@ -148,19 +140,9 @@ def load(
     # One cache for the whole data set, client by client, train, val, test: every split is a
     # contiguous slice (a view) of the decoded tensor.
     order = [(client, split) for client in client_names for split in SPLITS if (client, split) in listing]
-    paths = [path for key in order for path, _ in listing[key]]
-    labels = torch.tensor([index[name] for key in order for _, name in listing[key]], dtype=torch.int64)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    decoded = decode_images(paths, image_size, cache_dir=cache, skip_bad=skip_bad_images, progress=progress)
-    kept = np.asarray(decoded.kept, dtype=np.int64)
-    kept_labels = labels[torch.from_numpy(kept)]
-    parts: dict[tuple[str, str], Split] = {}
-    start = 0
-    for key in order:
-        stop = start + len(listing[key])
-        low, high = np.searchsorted(kept, [start, stop])
-        parts[key] = Split(decoded.images[low:high], kept_labels[low:high])
-        start = stop
+    numbered = {key: [(path, index[name]) for path, name in listing[key]] for key in order}
+    parts, decoded = decode_splits(numbered, order, image_size, cache_dir=cache_dir, skip_bad=skip_bad_images,
+                                   progress=progress)
     for client in client_names:
         if len(parts[client, "train"]) == 0:
             raise DataError(f"client {client!r} has no readable training images in {data_dir / client / 'train'} after skipping unreadable images")

@@ -239,3 +239,30 @@ def decode_images(
     if result.bad and not skip_bad:
         raise DataError(bad_images_message(result.bad))
     return result
+
+
+def default_cache_dir() -> Path:
+    """``$FEDWARD_CACHE/decoded`` (``~/.cache/fedward/decoded`` when unset)."""
+    return Path(os.environ.get("FEDWARD_CACHE") or Path.home() / ".cache" / "fedward") / "decoded"
+
+
+def decode_splits(listing: dict, order: list, image_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
+                  progress: bool) -> tuple[dict, DecodedImages]:
+    """Decode every (path, label) of ``listing[key]`` for ``key`` in ``order`` through one cache, so
+    each key's images are a contiguous slice (a view) of it; returns ({key: Split}, the decode).
+    With ``skip_bad`` a key's split holds only its readable images."""
+    from fedward.data.types import Split
+
+    paths = [path for key in order for path, _ in listing[key]]
+    labels = torch.tensor([label for key in order for _, label in listing[key]], dtype=torch.int64)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    decoded = decode_images(paths, image_size, cache_dir=cache, skip_bad=skip_bad, progress=progress)
+    kept = np.asarray(decoded.kept, dtype=np.int64)
+    kept_labels = labels[torch.from_numpy(kept)]
+    parts, start = {}, 0
+    for key in order:
+        stop = start + len(listing[key])
+        low, high = np.searchsorted(kept, [start, stop])
+        parts[key] = Split(decoded.images[low:high], kept_labels[low:high])
+        start = stop
+    return parts, decoded
