@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
     _add_prior_parser(subparsers)
-    data = subparsers.add_parser("data", help="inspect a data folder")
+    data = subparsers.add_parser("data", help="check or prepare a data folder")
     data_actions = data.add_subparsers(dest="data_command", required=True)
     check = data_actions.add_parser("check", help="report clients, classes and counts of a data folder, without training",
                                     description="Load a data folder as a run would (decoding images into the cache) "
