@@ -13,7 +13,12 @@ def test_seed_flag_names_and_case_insensitive_values():
 
 @pytest.mark.parametrize("values, text", [
     ({"method": "fedsgd"}, "--method 'fedsgd' is unknown; expected one of"),
-    ({"method": "mhpflid"}, "MH-pFLID"),
+    ({"method": "fedavg", "client_models": "resnet5,resnet8"}, "--client_models applies to --method local, mhpflid"),
+    ({"method": "mhpflid", "client_models": "resnet5,resnet9"}, "--client_models entry 'resnet9' is not a model"),
+    ({"method": "mhpflid", "mhpflid_fusion": "concat"}, "--mhpflid_fusion 'concat' is unknown"),
+    ({"method": "mhpflid", "injection_epochs": 0, "distillation_epochs": 0}, "would train nothing"),
+    ({"method": "fml", "fml_alpha": 1.5}, "--fml_alpha must be in [0, 1], got 1.5"),
+    ({"method": "fedkd", "fedkd_energy_end": 0}, "--fedkd_energy_end must be in (0, 1]"),
     ({"method": "fedmas"}, "needs --pre_trained_models"),
     ({"method": "fedmas", "pre_trained_models": "random", "aggregate_method": "median"}, "'median' is unknown"),
     ({"comm_round": 0}, "--comm_round must be at least 1, got 0"),
@@ -28,6 +33,18 @@ def test_bad_values_name_the_key(values, text):
     with pytest.raises(ConfigError) as err:
         build_config(values)
     assert text in str(err.value)
+
+
+def test_client_architectures_default_cycle_and_count_check():
+    from fedward.config import client_architectures
+
+    assert client_architectures(build_config({"method": "mhpflid"}), 6) == [
+        "resnet17", "resnet11", "resnet8", "resnet5", "resnet17", "resnet11"]
+    assert client_architectures(build_config({"method": "local", "model": "smallcnn"}), 2) == ["smallcnn", "smallcnn"]
+    cfg = build_config({"method": "local", "client_models": "resnet5,smallcnn"})
+    assert client_architectures(cfg, 2) == ["resnet5", "smallcnn"]
+    with pytest.raises(ConfigError, match="lists 2 models .* but the data set has 3 clients"):
+        client_architectures(cfg, 3)
 
 
 def test_yaml_file_round_trip_and_errors(tmp_path):

@@ -70,7 +70,7 @@ IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 def test_registry_lists_all_models() -> None:
-    expected = {"resnet5", "resnet8", "resnet11", "resnet17", "resnet18", "resnet34", "resnet50", "smallcnn"}
+    expected = {"resnet5", "resnet8", "resnet11", "resnet17", "resnet18", "resnet34", "resnet50", "smallcnn", "messenger"}
     assert set(list_models()) == expected
 
 
@@ -85,7 +85,8 @@ def test_model_interface_gradients_and_state_dict_round_trip(name: str) -> None:
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     assert embedding.shape == (2, model.num_features)
     assert fmap.dim() == 4 and fmap.shape[:2] == (2, model.num_features)
-    assert isinstance(model.fc, nn.Linear) and model.fc.in_features == model.num_features
+    first_linear = model.fc if isinstance(model.fc, nn.Linear) else model.fc[0]  # the messenger's head is an MLP
+    assert isinstance(first_linear, nn.Linear) and first_linear.in_features == model.num_features
     # forward is fc(embed), embed is the global average of the feature map
     torch.testing.assert_close(embedding, fmap.mean(dim=(2, 3)))
     torch.testing.assert_close(logits, model.fc(embedding))

@@ -17,9 +17,12 @@ import yaml
 
 from fedward.errors import ConfigError
 
-METHODS = ("fedavg", "fedprox", "moon", "local", "centralized", "fedmas")
-# Methods of later issues: named here so the error says what is coming rather than "unknown".
-PLANNED_METHODS = {"mhpflid": "MH-pFLID (issue 4)"}
+METHODS = ("fedavg", "fedprox", "moon", "local", "centralized", "fedmas", "mhpflid", "fml", "fedkd")
+# Model-heterogeneous methods: a shared small model (the messenger) plus one local model per client.
+HETEROGENEOUS_METHODS = ("mhpflid", "fml", "fedkd")
+# Their default local architectures (MH-pFLID's BreakHis clients), cycled when there are more clients.
+DEFAULT_CLIENT_MODELS = ("resnet17", "resnet11", "resnet8", "resnet5")
+FUSIONS = ("attention", "add", "none")
 AGGREGATE_METHODS = ("avg", "mas", "mas_inv", "mas_drw")
 PROJECTOR_HEAD_POLICIES = ("both", "free", "global")
 PARTITION_METHODS = ("natural", "homo", "iid", "hetero", "dirichlet", "pathological")
@@ -84,6 +87,9 @@ class RunConfig:
     partition_alpha: float = 0.5
     classes_per_client: int = 2
     val_fraction: float = 0.1
+    label_set: str = "binary"  # synthetic_multires (BreakHis-like): binary (benign/malignant) or subtype (8 classes)
+    shared_images: bool = False  # synthetic_multires: every client holds all images (the MH-pFLID reproduction)
+    patients_scale: float = 4.0  # synthetic_multires: patients per BreakHis patient
     fold: int = 1
     augment: bool = True
     # Blur strength relative to the reference, which blurs the ~1024 px ISIC original before resizing
@@ -110,6 +116,23 @@ class RunConfig:
     cache_prior_features: bool = False  # approximation: prior features of un-augmented images, computed once
     update_projector_head: str = "both"
     aggregate_method: str = "avg"
+    # -- model-heterogeneous methods (mhpflid, fml, fedkd; local with client_models)
+    client_models: list[str] = field(default_factory=list)  # [] : mhpflid/fml/fedkd DEFAULT_CLIENT_MODELS, local --model
+    messenger_dim: int = 512  # D_mes, the messenger's width
+    injection_epochs: int = 4  # mhpflid E_inj
+    distillation_epochs: int = 1  # mhpflid E_dis
+    local_lr: float = 1e-4  # Adam lr of the local model and R/T (mhpflid), of both models (fml, fedkd)
+    messenger_lr: float = 1e-5  # Adam lr of the messenger in mhpflid's distillation
+    lambda_inj_local: float = 0.9
+    lambda_inj_messenger: float = 0.1
+    lambda_dis_messenger: float = 0.9
+    lambda_dis_kl: float = 0.1
+    kd_temperature: float = 1.0
+    mhpflid_fusion: str = "attention"  # R/T: attention (the paper), add (1x1-conv addition), none
+    fml_alpha: float = 0.5  # FML: weight of CE in the local model's loss
+    fml_beta: float = 0.5  # FML: weight of CE in the shared model's loss
+    fedkd_energy_start: float = 0.95  # FedKD SVD energy kept, first round -> last round (1: no compression)
+    fedkd_energy_end: float = 0.98
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,9 +210,6 @@ def _require(condition: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check values and cross-field rules; normalise case where the reference is case-insensitive."""
     cfg.method = cfg.method.lower()
-    if cfg.method in PLANNED_METHODS:
-        raise ConfigError(f"--method {cfg.method}: {PLANNED_METHODS[cfg.method]} is not implemented in this version; "
-                          f"expected one of: {', '.join(METHODS)}")
     _require(cfg.method in METHODS, f"--method '{cfg.method}' is unknown; expected one of: {', '.join(METHODS)}")
     for name in ("comm_round", "epochs", "batch_size", "image_size", "eval_batch_size", "thread_number"):
         _require(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -197,6 +217,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.mu >= 0, f"--mu must be >= 0, got {cfg.mu}")
     _require(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
     _require(0 < cfg.data_scale <= 1, f"--data_scale must be in (0, 1], got {cfg.data_scale}")
+    _require(cfg.label_set in ("binary", "subtype"), f"--label_set '{cfg.label_set}' is unknown; expected binary or subtype")
+    _require(cfg.patients_scale > 0, f"--patients_scale must be positive, got {cfg.patients_scale}")
     _require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     _require(cfg.blur_scale is None or cfg.blur_scale > 0, f"--blur_scale must be positive, got {cfg.blur_scale}")
     _require(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
@@ -236,6 +258,46 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.pre_trained_models is None,
                  f"--pre_trained_models applies to --method fedmas only; got '{cfg.pre_trained_models}'")
         _require(not cfg.cache_prior_features, "--cache_prior_features applies to --method fedmas only")
+    _validate_heterogeneous(cfg)
+
+
+def _validate_heterogeneous(cfg: RunConfig) -> None:
+    from fedward.models import list_models
+
+    _require(not cfg.client_models or cfg.method in ("local", *HETEROGENEOUS_METHODS),
+             f"--client_models applies to --method local, {', '.join(HETEROGENEOUS_METHODS)}; got --method {cfg.method}")
+    for name in cfg.client_models:
+        _require(name in list_models() and name != "messenger",
+                 f"--client_models entry '{name}' is not a model; expected names from: "
+                 f"{', '.join(m for m in list_models() if m != 'messenger')}")
+    for name in ("messenger_dim", "injection_epochs", "distillation_epochs"):
+        _require(getattr(cfg, name) >= (0 if name.endswith("epochs") else 1),
+                 f"--{name} must be {'>= 0' if name.endswith('epochs') else 'at least 1'}, got {getattr(cfg, name)}")
+    _require(cfg.injection_epochs + cfg.distillation_epochs >= 1,
+             "--injection_epochs and --distillation_epochs are both 0: an mhpflid round would train nothing")
+    for name in ("local_lr", "messenger_lr", "kd_temperature"):
+        _require(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("lambda_inj_local", "lambda_inj_messenger", "lambda_dis_messenger", "lambda_dis_kl"):
+        _require(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("fml_alpha", "fml_beta"):
+        _require(0 <= getattr(cfg, name) <= 1, f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
+    for name in ("fedkd_energy_start", "fedkd_energy_end"):
+        _require(0 < getattr(cfg, name) <= 1, f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
+    cfg.mhpflid_fusion = cfg.mhpflid_fusion.lower()
+    _require(cfg.mhpflid_fusion in FUSIONS,
+             f"--mhpflid_fusion '{cfg.mhpflid_fusion}' is unknown; expected one of: {', '.join(FUSIONS)}")
+
+
+def client_architectures(cfg: RunConfig, num_clients: int) -> list[str]:
+    """Each client's local model: --client_models (one per client), else the method's default."""
+    if cfg.client_models:
+        if len(cfg.client_models) != num_clients:
+            raise ConfigError(f"--client_models lists {len(cfg.client_models)} models ({', '.join(cfg.client_models)}) "
+                              f"but the data set has {num_clients} clients; give one model per client")
+        return list(cfg.client_models)
+    if cfg.method in HETEROGENEOUS_METHODS:
+        return [DEFAULT_CLIENT_MODELS[k % len(DEFAULT_CLIENT_MODELS)] for k in range(num_clients)]
+    return [cfg.model] * num_clients
 
 
 def config_help() -> dict[str, str]:
@@ -260,7 +322,7 @@ def config_help() -> dict[str, str]:
         "model": "model name from the registry (fedward models)",
         "stem": "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer and slower for small images)",
         "pre_trained_tv": "initialise the backbone from torchvision ImageNet weights: a file, or no value for torchvision's cache path",
-        "dataset": "data set: synthetic (built in); with --data_dir: fed_isic2019, medmnist, folders "
+        "dataset": "data set: synthetic, synthetic_multires (built in; BreakHis-like, 4 resolutions, for mhpflid); with --data_dir: fed_isic2019, medmnist, folders "
                    "(<client>/<train|val|test>/<class>/*)",
         "data_flag": "--dataset medmnist: the <flag>.npz file to read (dermamnist, pathmnist, ...)",
         "data_seed": "seed of the generated data set and its partition (--seed varies training only)",
@@ -274,6 +336,10 @@ def config_help() -> dict[str, str]:
         "partition_alpha": "Dirichlet concentration for hetero",
         "classes_per_client": "classes per client for pathological",
         "val_fraction": "fraction of each client's train data held out for validation",
+        "label_set": "synthetic_multires: binary (benign/malignant, MH-pFLID's task) or subtype (8 tumour types)",
+        "shared_images": "synthetic_multires: every client holds all patients' images at its own resolution (the "
+                         "MH-pFLID reproduction's setting) instead of disjoint patients",
+        "patients_scale": "synthetic_multires: synthetic patients per BreakHis patient (82 x scale patients)",
         "fold": "data fold (the reference ships fold 1 only)",
         "augment": "batched train augmentation of the reference (flips, blur, rotation)",
         "blur_scale": "blur sigma/kernel factor (default image_size/1024: the reference's blur of ~1024 px originals)",
@@ -297,4 +363,21 @@ def config_help() -> dict[str, str]:
                                 "images, computed once per client, instead of a prior forward on every batch",
         "update_projector_head": "which heads a fedmas client takes from the global model: both, free, global",
         "aggregate_method": "server aggregation: avg, mas, mas_inv, mas_DRW (any case; mas variants need fedmas)",
+        "client_models": "one local model per client, e.g. resnet17,resnet11,resnet8,resnet5 (mhpflid/fml/fedkd default: "
+                         "that list, cycled; local: --model for every client)",
+        "messenger_dim": "mhpflid/fml/fedkd: width D_mes of the shared messenger model",
+        "injection_epochs": "mhpflid: injection epochs per round (messenger frozen; local model and R learn)",
+        "distillation_epochs": "mhpflid: distillation epochs per round (local model frozen; messenger and T learn)",
+        "local_lr": "mhpflid: Adam lr of the local model, R and T; fml/fedkd: of both models",
+        "messenger_lr": "mhpflid: Adam lr of the messenger during distillation",
+        "lambda_inj_local": "mhpflid: weight of the local model's CE in the injection loss",
+        "lambda_inj_messenger": "mhpflid: weight of the messenger-path CE (through R) in the injection loss",
+        "lambda_dis_messenger": "mhpflid: weight of the messenger CE (through T) in the distillation loss",
+        "lambda_dis_kl": "mhpflid: weight of KL(local || messenger) in the distillation loss",
+        "kd_temperature": "mhpflid: distillation temperature",
+        "mhpflid_fusion": "mhpflid R/T: attention (the paper), add (ablation: 1x1-conv feature addition), none (ablation)",
+        "fml_alpha": "fml: weight of CE in the local model's loss (1 - alpha on KL)",
+        "fml_beta": "fml: weight of CE in the shared model's loss (1 - beta on KL)",
+        "fedkd_energy_start": "fedkd: fraction of SVD energy kept in round 1 (1: no compression)",
+        "fedkd_energy_end": "fedkd: fraction of SVD energy kept in the last round",
     }

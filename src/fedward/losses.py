@@ -358,3 +358,11 @@ __all__ = [
     "LogitCalibratedCE",
     "FlambyFocal",
 ]
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_teacher || p_student) at ``temperature``, mean over the batch, times T^2 (Hinton et
+    al.) so the gradient scale does not shrink with T. The teacher is detached: it only teaches."""
+    teacher = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2

@@ -16,8 +16,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fedward.config import RunConfig
+from fedward.config import HETEROGENEOUS_METHODS, RunConfig, client_architectures
 from fedward.data.types import ClientData, Split
+from fedward.models import get_model, model_options
+from fedward.seeding import torch_generator
 
 Arrays = dict[str, torch.Tensor]
 
@@ -69,6 +71,13 @@ class Workspace:
         # (prior name, client id) -> prior features of that client's un-augmented train images;
         # kept in the worker's memory only (recomputed identically after a resume)
         self.prior_features: dict[tuple[str, int], torch.Tensor] = {}
+
+    def cached_module(self, key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
+        """A module built once per worker under ``key`` (one local model per architecture, R/T per
+        architecture): clients load their own state into it, so memory does not grow with clients."""
+        if key not in self._spares:
+            self._spares[key] = build().to(self.device)
+        return self._spares[key]
 
     def spare_model(self, name: str) -> nn.Module:
         """A second model of the same architecture (e.g. MOON's global and previous models)."""
@@ -142,6 +151,33 @@ class Algorithm:
         self.cfg = cfg
         self.spec = spec
         self.build_model = build_model
+
+    # -- per-client architectures (model-heterogeneous methods; local with --client_models) ----------
+    @property
+    def heterogeneous(self) -> bool:
+        """True when every client keeps a local model of its own architecture."""
+        return bool(self.cfg.client_models) or self.cfg.method in HETEROGENEOUS_METHODS
+
+    def client_architecture(self, client_id: int) -> str:
+        return client_architectures(self.cfg, len(self.spec.train_class_counts))[client_id]
+
+    def build_local_model(self, client_id: int, generator: torch.Generator | None = None) -> nn.Module:
+        name = self.client_architecture(client_id)
+        options = {"stem": self.cfg.stem} if "stem" in model_options(name) else {}
+        return get_model(name, num_classes=self.spec.num_classes, image_size=self.spec.image_size,
+                         generator=generator, **options)
+
+    def initial_local_state(self, client_id: int) -> Arrays:
+        """A client's own seeded initial local model (built on the client: nothing is sent)."""
+        generator = torch_generator(self.cfg.seed, "local-model", client_id)
+        return to_cpu(self.build_local_model(client_id, generator).state_dict())
+
+    def local_model(self, ws: Workspace, client_id: int) -> nn.Module:
+        """The module that client ``client_id``'s local model state loads into."""
+        if not self.heterogeneous:
+            return ws.model
+        name = self.client_architecture(client_id)
+        return ws.cached_module(("local", name), lambda: self.build_local_model(client_id))
 
     # -- server side -------------------------------------------------------------------------
     def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:

@@ -85,7 +85,8 @@ class FedAvg(Algorithm):
         """Client-side bookkeeping after local training (MOON keeps its previous model)."""
 
     # -- client -------------------------------------------------------------------------------
-    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> nn.Module:
+    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any],
+                         client: ClientData) -> nn.Module:
         model = ws.model
         model.load_state_dict(message.arrays)
         if self.cfg.bn_policy == "local" and "bn-statistics" in state:
@@ -95,7 +96,7 @@ class FedAvg(Algorithm):
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:
         cfg = self.cfg
-        model = self.load_start_model(ws, message, state)
+        model = self.load_start_model(ws, message, state, client)
         loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
                              global_class_counts=self.spec.global_class_counts)
         loss_fn.start_round(message.round - 1, cfg.comm_round)

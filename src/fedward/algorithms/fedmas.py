@@ -79,8 +79,8 @@ class FedMAS(FedAvg):
         for name, buffer in prior.named_buffers():
             buffer.copy_(buffers[name])
 
-    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
-        model = super().load_start_model(ws, message, state)
+    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any], client: ClientData):
+        model = super().load_start_model(ws, message, state, client)
         if "local-heads" in state:
             model.load_state_dict(state["local-heads"], strict=False)
         return model
@@ -107,7 +107,7 @@ class FedMAS(FedAvg):
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:
         cfg = self.cfg
-        model = self.load_start_model(ws, message, state)
+        model = self.load_start_model(ws, message, state, client)
         prior = self.prior(ws, client.client_id)
         if cfg.prior_bn_drift:
             self._use_client_prior_statistics(ws, prior, client.client_id, state)

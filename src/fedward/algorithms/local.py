@@ -1,5 +1,8 @@
 """Local training (every hospital alone): the lower bound. Nothing is exchanged after the
-initial weights; each client's model lives in its own state and is the deliverable."""
+initial weights; each client's model lives in its own state and is the deliverable.
+
+With ``--client_models`` every client has its own architecture (MH-pFLID's lower bound) and
+builds its own seeded initial weights, so nothing at all is exchanged."""
 
 from __future__ import annotations
 
@@ -18,12 +21,18 @@ class Local(FedAvg):
 
     def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
         # Only the first round carries the (data-free) initial weights, so all clients start equal.
-        arrays = global_state if round_index == 1 else {}
+        arrays = global_state if round_index == 1 and not self.heterogeneous else {}
         return ServerMessage(round=round_index, arrays=arrays, config={"total-rounds": self.cfg.comm_round})
 
-    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
-        ws.model.load_state_dict(state.get("model", message.arrays))
-        return ws.model
+    def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any], client: ClientData):
+        model = self.local_model(ws, client.client_id)
+        if "model" in state:
+            model.load_state_dict(state["model"])
+        elif self.heterogeneous:
+            model.load_state_dict(self.initial_local_state(client.client_id))
+        else:
+            model.load_state_dict(message.arrays)
+        return model
 
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedward.algorithms.base import Arrays, TaskSpec, to_cpu
-from fedward.config import RunConfig
+from fedward.config import HETEROGENEOUS_METHODS, RunConfig
 from fedward.data import DATASETS, load_federated
 from fedward.data.partition import repartition
 from fedward.data.types import ClientData, FederatedData
@@ -66,6 +66,9 @@ def _load_dataset(cfg: RunConfig) -> FederatedData:
         dataset = "fed_isic2019"  # the seed's commands give only --data_dir data/Flamby_isic
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset '{dataset}' is unknown; expected one of: {', '.join(sorted(DATASETS))}")
+    if dataset == "synthetic_multires":
+        return load_federated(dataset, seed=cfg.data_seed, image_size=cfg.image_size, patients_scale=cfg.patients_scale,
+                              labels=cfg.label_set, shared_images=cfg.shared_images, val_fraction=cfg.val_fraction)
     if dataset == "synthetic":
         if cfg.fold != 1:
             raise ConfigError(f"--fold {cfg.fold}: the synthetic data set has a single fold, 1 (the reference code "
@@ -132,6 +135,10 @@ def model_builder(cfg: RunConfig, spec: TaskSpec) -> Callable[[], nn.Module]:
     cosine = build_loss(cfg.loss_fn_name, [1] * spec.num_classes).needs_cosine_classifier
     # The stem applies to the ResNets; models without one (smallcnn) ignore the setting.
     kwargs = {"stem": cfg.stem} if "stem" in model_options(cfg.model) else {}
+
+    if cfg.method in HETEROGENEOUS_METHODS:  # the global model is the shared messenger / meme / mentee
+        return lambda: get_model("messenger", num_classes=spec.num_classes, image_size=spec.image_size,
+                                 width=cfg.messenger_dim)
 
     def build() -> nn.Module:
         model = get_model(cfg.model, num_classes=spec.num_classes, image_size=spec.image_size, **kwargs)

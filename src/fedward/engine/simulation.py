@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
-from fedward.config import RunConfig
+from fedward.config import RunConfig, client_architectures
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.engine import checkpoint as ckpt
@@ -93,7 +93,7 @@ class Simulation:
         return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start)
 
     def local_rows(self, round_index: int, client: ClientData, local_state) -> list[dict[str, Any]]:
-        model = self.workspace.model
+        model = self.algorithm.local_model(self.workspace, client.client_id)
         model.load_state_dict(local_state)
         rows = []
         for split_name in ("val", "test"):
@@ -155,6 +155,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
 
     resolve_devices(cfg)
     data = load_data(cfg)
+    client_architectures(cfg, data.num_clients)  # one --client_models entry per client
     spec = task_spec(data)
     initial_global_state(cfg, model_builder(cfg, spec))
     if cfg.method == "fedmas":  # a missing or mismatched prior file fails here, not in round 1
@@ -275,7 +276,8 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
         for k, state in enumerate(client_states):
             local = sim.algorithm.local_model_state(ClientReply(k, {}, {}), state)
             if local is not None:
-                torch.save({**meta, "client": k, "state_dict": local}, run_dir.client_model_path(k))
+                torch.save({**meta, "model": sim.algorithm.client_architecture(k) if sim.algorithm.heterogeneous
+                            else cfg.model, "client": k, "state_dict": local}, run_dir.client_model_path(k))
     else:
         torch.save({**meta, "state_dict": global_state}, run_dir.final_model_path)
     summary = summarize(run_dir.read_rows())

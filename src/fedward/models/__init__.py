@@ -1,12 +1,13 @@
 """Models: a registry of backbones sharing one interface, classifier heads and ImageNet weights.
 
-Importing this package registers every model (resnet18/34/50, resnet5/8/11/17, smallcnn).
+Importing this package registers every model (resnet18/34/50, resnet5/8/11/17, smallcnn, messenger).
 """
 
 from __future__ import annotations
 
-from fedward.models import bottleneck, resnet, small_cnn  # noqa: F401  (import registers the models)
+from fedward.models import bottleneck, messenger, resnet, small_cnn  # noqa: F401  (import registers the models)
 from fedward.models.bottleneck import BLOCKS_PER_STAGE, NarrowBottleneck
+from fedward.models.messenger import FUSIONS, CrossAttention, Messenger, build_fusion
 from fedward.models.heads import CosineClassifier, ProjectionModel, use_cosine_classifier
 from fedward.models.pretrained import TORCHVISION_FILES, default_weights_path, load_pretrained_backbone
 from fedward.models.registry import (
@@ -25,12 +26,16 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CosineClassifier",
+    "CrossAttention",
+    "FUSIONS",
     "FeatureClassifier",
+    "Messenger",
     "NarrowBottleneck",
     "ProjectionModel",
     "ResNet",
     "SmallCNN",
     "TORCHVISION_FILES",
+    "build_fusion",
     "default_weights_path",
     "get_model",
     "init_weights",

@@ -1,0 +1,61 @@
+"""FML, Federated Mutual Learning (Shen et al. 2020), as HtFLlib runs it for heterogeneous models.
+
+Each client trains its private local model and a shared "meme" model (here the messenger
+architecture, so it is the same small model MH-pFLID shares) together on every batch:
+  local:  alpha * CE(local) + (1 - alpha) * KL(p_meme || p_local)
+  meme:   beta  * CE(meme)  + (1 - beta)  * KL(p_local || p_meme)
+and uploads the meme model, which the server averages (weights n_k). No separate stages, no R/T.
+
+Departures from HtFLlib's ``clientfml``: each KL has its teacher detached (HtFLlib's target
+probabilities carry gradient, so each model is also pushed towards the other's loss), KL is the
+batch mean (HtFLlib's ``nn.KLDivLoss()`` averages over batch x classes, which scales the KL term by
+1/K), and Adam at ``--local_lr`` (HtFLlib: SGD), like the other heterogeneous methods here. Its
+gradient clip of 10 is kept (``--grad_clip`` overrides it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu, training_batches
+from fedward.algorithms.heterogeneous import SharedModelMethod
+from fedward.data.types import ClientData
+from fedward.losses import distillation_kl
+
+
+class FML(SharedModelMethod):
+    name = "fml"
+    default_grad_clip = 10.0  # HtFLlib's clip_grad_norm_(..., 10)
+
+    def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
+                      generator: torch.Generator) -> ClientReply:
+        cfg = self.cfg
+        meme = self.load_shared(ws, message).train()
+        local = self.load_local(ws, client, state).train()
+        loss_fn = self.task_loss(client, message.round)
+        clip = cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip
+        optimizer = self.optimizer(state, "mutual", [{"params": list(local.parameters()), "lr": cfg.local_lr},
+                                                     {"params": list(meme.parameters()), "lr": cfg.local_lr}])
+        split = client.train
+        total, steps = torch.zeros((), dtype=torch.float64), 0
+        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator):
+            inputs = ws.augment(split.images[index].to(ws.device), generator)
+            labels = split.labels[index].to(ws.device)
+            local_logits, meme_logits = local(inputs), meme(inputs)
+            local_loss = (cfg.fml_alpha * loss_fn(local_logits, labels)
+                          + (1 - cfg.fml_alpha) * distillation_kl(local_logits, meme_logits))
+            meme_loss = (cfg.fml_beta * loss_fn(meme_logits, labels)
+                         + (1 - cfg.fml_beta) * distillation_kl(meme_logits, local_logits))
+            optimizer.zero_grad(set_to_none=True)
+            # The teachers are detached, so one backward of the sum gives each model its own loss's gradient.
+            (local_loss + meme_loss).backward()
+            torch.nn.utils.clip_grad_norm_(local.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(meme.parameters(), clip)
+            optimizer.step()
+            total += local_loss.detach().double().cpu()
+            steps += 1
+        self.keep_optimizer(state, "mutual", optimizer)
+        state["local"] = to_cpu(local.state_dict())
+        return self.reply(client, meme, {"train-loss": float(total / max(steps, 1)), "steps": float(steps)})

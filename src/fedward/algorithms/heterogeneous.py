@@ -1,0 +1,97 @@
+"""What the model-heterogeneous methods (mhpflid, fml, fedkd) share.
+
+Every client keeps a local model of its own architecture (``--client_models``) in its state; the
+only thing that travels is a small shared model of one architecture for all (MH-pFLID's
+messenger, FML's meme model, FedKD's mentee), whose state dict the server averages with weights
+n_k / sum(n), n_k being the client's number of training images. The local model is the
+deliverable: it is what the engine evaluates, on the client's own splits.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedward.algorithms.aggregate import example_weights, weighted_average
+from fedward.algorithms.base import Algorithm, Arrays, ClientReply, ServerMessage, Workspace, to_cpu
+from fedward.data.types import ClientData
+from fedward.losses import LocalLoss, build_loss
+from fedward.seeding import torch_generator
+
+
+def adam(param_groups: list[dict[str, Any]]) -> torch.optim.Adam:
+    """Adam (the reproduction's optimizer for every part), fused where the tensors allow it."""
+    params = [p for group in param_groups for p in group["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(param_groups, fused=fused)
+
+
+class SharedModelMethod(Algorithm):
+    """Base: broadcast the shared model every round, keep the local model in the client's state,
+    average the shared model's replies (BatchNorm buffers included)."""
+
+    personalised = True
+
+    # -- server -------------------------------------------------------------------------------
+    def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
+        return ServerMessage(round=round_index, arrays=global_state, config={"total-rounds": self.cfg.comm_round})
+
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+        weights = example_weights([r.metrics["num-examples"] for r in replies])
+        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
+
+    def declared_reply_keys(self, global_state: Arrays) -> set[str]:
+        return set(global_state)
+
+    def local_model_state(self, reply: ClientReply, state: dict[str, Any]) -> Arrays | None:
+        return state.get("local")
+
+    # -- client helpers --------------------------------------------------------------------------
+    def load_shared(self, ws: Workspace, message: ServerMessage) -> nn.Module:
+        ws.model.load_state_dict(message.arrays)
+        return ws.model
+
+    def load_local(self, ws: Workspace, client: ClientData, state: dict[str, Any]) -> nn.Module:
+        model = self.local_model(ws, client.client_id)
+        model.load_state_dict(state["local"] if "local" in state else self.initial_local_state(client.client_id))
+        return model
+
+    def load_client_module(self, ws: Workspace, client: ClientData, state: dict[str, Any], role: str,
+                           build) -> nn.Module:
+        """A per-client module (R, T, FedKD's W_h) kept in the client's state; ``build(generator)``
+        makes its seeded initial version in round 1."""
+        arch = self.client_architecture(client.client_id)
+        module = ws.cached_module((role, arch), lambda: build(None))
+        if role in state:
+            module.load_state_dict(state[role])
+        else:
+            fresh = build(torch_generator(self.cfg.seed, role, client.client_id))
+            module.load_state_dict(fresh.state_dict())
+        return module
+
+    def optimizer(self, state: dict[str, Any], name: str, param_groups: list[dict[str, Any]]) -> torch.optim.Adam:
+        """An Adam over ``param_groups``, with its moments from the last round when
+        ``persist_optimizer_state`` is on (the reproduction re-creates its optimizers every round)."""
+        optimizer = adam(param_groups)
+        key = f"optimizer-{name}"
+        if self.cfg.persist_optimizer_state and key in state:
+            optimizer.load_state_dict(copy.deepcopy(state[key]))
+        return optimizer
+
+    def keep_optimizer(self, state: dict[str, Any], name: str, optimizer: torch.optim.Optimizer) -> None:
+        if self.cfg.persist_optimizer_state:
+            state[f"optimizer-{name}"] = optimizer.state_dict()
+
+    def task_loss(self, client: ClientData, round_index: int) -> LocalLoss:
+        loss_fn = build_loss(self.cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
+                             global_class_counts=self.spec.global_class_counts)
+        loss_fn.start_round(round_index - 1, self.cfg.comm_round)
+        return loss_fn
+
+    def reply(self, client: ClientData, shared: nn.Module, metrics: dict[str, float]) -> ClientReply:
+        """The shared model's state dict and scalars: nothing else leaves the client."""
+        return ClientReply(client_id=client.client_id, arrays=to_cpu(shared.state_dict()),
+                           metrics={"num-examples": float(len(client.train)), **metrics})
