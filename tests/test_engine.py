@@ -111,7 +111,8 @@ def test_rows_follow_the_contract(tmp_path, tiny_values):
 @pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "local", "centralized", "fedmas"])
 def test_every_method_runs_and_sends_only_declared_arrays(tmp_path, tiny_values, method, monkeypatch):
     """Privacy: what a client returns holds only the arrays its method declares (never images,
-    labels, optimizer state or a personalised model) and scalar metrics."""
+    labels, optimizer state or a personalised model) and scalar metrics. The model-heterogeneous
+    methods have the same check, plus value checks, in test_mhpflid.py."""
     from fedward.engine import simulation as sim_module
 
     seen = []
@@ -144,7 +145,7 @@ def test_bn_policy_local_keeps_client_statistics(tiny_values):
     kept = client_state["bn-statistics"]
     assert kept and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in kept)
     # Next round the client starts from the global weights but its own BN statistics.
-    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state)
+    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state, data.clients[0])
     current = sim.workspace.model.state_dict()
     for key, value in kept.items():
         assert torch.equal(current[key], value)
