@@ -64,7 +64,8 @@ def test_update_projector_head_keeps_the_other_heads_local(tiny_values, policy, 
     state0, _ = initial_global_state(cfg, sim.build_model)
     client_state = {}
     trained = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0), client_state), False).reply.arrays
-    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state)
+    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state,
+                                   sim.training_clients[0])
     now = sim.workspace.model.state_dict()
     for key in now:
         if key.startswith(kept):
