@@ -282,6 +282,9 @@ def test_mhpflid_resumes_to_identical_metrics(tmp_path):
     run(cfg, RunDirectory.open_existing(tmp_path / "crashed"), resume=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(RunDirectory.open_existing(tmp_path / "crashed").read_rows()) == strip(full.read_rows())
+    # The messenger path M_h(R(M_b x, L_b x)) is logged as a diagnostic next to each local model.
+    paths = [r for r in full.read_rows() if r.get("model") == "messenger-path" and r["split"] == "test"]
+    assert {r["client"] for r in paths} == {0, 1, 2, 3} and all(0 <= r["accuracy"] <= 1 for r in paths)
 
 
 def test_client_models_count_must_match_the_clients(tmp_path):

@@ -198,3 +198,8 @@ class Algorithm:
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
         """Array names a reply may carry: the privacy tests check replies against this."""
         return set(global_state)
+
+    def diagnostic_models(self, ws: Workspace, client: ClientData, state: dict[str, Any]) -> dict[str, nn.Module]:
+        """Extra predictors evaluated on a client's own splits next to its local model, by name
+        (logged as ``model: <name>`` rows; never part of the summary)."""
+        return {}

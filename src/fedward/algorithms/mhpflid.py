@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu, training_batches
 from fedward.algorithms.heterogeneous import SharedModelMethod
@@ -41,6 +42,17 @@ def pooled_logits(model, feature_map: torch.Tensor) -> torch.Tensor:
     return model.fc(torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1))
 
 
+class MessengerPath(nn.Module):
+    """Diagnostic predictor M_h(R(M_b x, L_b x)): the client's messenger reading its local features."""
+
+    def __init__(self, messenger: nn.Module, local: nn.Module, receiver: nn.Module):
+        super().__init__()
+        self.messenger, self.local, self.receiver = messenger, local, receiver
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.messenger.classify_tokens(self.receiver(self.messenger.feature_map(x), self.local.feature_map(x)))
+
+
 class MHpFLID(SharedModelMethod):
     name = "mhpflid"
     default_grad_clip = 1.0  # the reproduction's clip_grad_norm_(..., 1.0)
@@ -51,6 +63,14 @@ class MHpFLID(SharedModelMethod):
             ws, client, state, role,
             lambda generator: build_fusion(self.cfg.mhpflid_fusion, role, local_channels, self.cfg.messenger_dim,
                                            generator))
+
+    def diagnostic_models(self, ws: Workspace, client: ClientData, state: dict[str, Any]) -> dict[str, nn.Module]:
+        """The messenger path, with the messenger the client just trained (still in ``ws.model``
+        right after its update) and its own R and local model."""
+        if "local" not in state or self.cfg.mhpflid_fusion == "none":
+            return {}
+        local = self.load_local(ws, client, state)
+        return {"messenger-path": MessengerPath(ws.model, local, self.fusion(ws, client, state, "receiver"))}
 
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:

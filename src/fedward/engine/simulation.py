@@ -89,19 +89,23 @@ class Simulation:
         rows: list[dict[str, Any]] = []
         local = self.algorithm.local_model_state(reply, state) if evaluate_local else None
         if local is not None:
-            rows = self.local_rows(task.round, client, local)
+            rows = self.local_rows(task.round, client, local, state)
         return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start)
 
-    def local_rows(self, round_index: int, client: ClientData, local_state) -> list[dict[str, Any]]:
+    def local_rows(self, round_index: int, client: ClientData, local_state,
+                   state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         model = self.algorithm.local_model(self.workspace, client.client_id)
         model.load_state_dict(local_state)
         rows = []
-        for split_name in ("val", "test"):
-            split = getattr(client, split_name)
-            if len(split):
-                rows.append(self._predict(model, split).row(
-                    self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
-                    model="local", data="client", split=split_name))
+        # The local model, then any diagnostic predictor the method offers (MH-pFLID's messenger path).
+        predictors = {"local": model, **self.algorithm.diagnostic_models(self.workspace, client, state or {})}
+        for name, predictor in predictors.items():
+            for split_name in ("val", "test"):
+                split = getattr(client, split_name)
+                if len(split):
+                    rows.append(self._predict(predictor, split).row(
+                        self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
+                        model=name, data="client", split=split_name))
         if self.algorithm.personalised:
             # FLamby's "Local i" rows: each local model on the pooled test set too.
             if self._pooled_test is None:
