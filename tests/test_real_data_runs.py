@@ -81,3 +81,19 @@ def test_data_prepare_cli_resizes_and_resumes(tmp_path, capsys):
     with Image.open(out / "ISIC_0000000.jpg") as image:
         assert image.size == (21, 16)
     assert main(args) == 0 and "prepared 0 images, 3 already done" in capsys.readouterr().out
+
+
+def test_mhpflid_runs_on_a_breakhis_tree(tmp_path):
+    """The MH-pFLID setup (4 clients at x1/x2/x4/x8, one local architecture each, the messenger)
+    on a fake BreakHis tree with the real folder and file names."""
+    from test_breakhis import make_tree
+
+    make_tree(tmp_path / "data")
+    config = _run(["--dataset", "breakhis", "--data_dir", str(tmp_path / "data" / "BreaKHis_v1"), "--method", "mhpflid",
+                   "--client_models", "smallcnn,resnet5,smallcnn,resnet5", "--stem", "small", "--messenger_dim", "16",
+                   "--injection_epochs", "1"], tmp_path / "run")
+    assert config["client_names"] == ["x1", "x2", "x4", "x8"] and config["class_names"] == ["benign", "malignant"]
+    run_dir = RunDirectory.open_existing(tmp_path / "run")
+    tested = {r["client"] for r in run_dir.read_rows() if r.get("model") == "local" and r.get("split") == "test"}
+    assert tested == {0, 1, 2, 3}
+    assert all(run_dir.client_model_path(k).is_file() for k in range(4))

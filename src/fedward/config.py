@@ -90,6 +90,8 @@ class RunConfig:
     label_set: str = "binary"  # synthetic_multires (BreakHis-like): binary (benign/malignant) or subtype (8 classes)
     shared_images: bool = False  # synthetic_multires: every client holds all images (the MH-pFLID reproduction)
     patients_scale: float = 4.0  # synthetic_multires: patients per BreakHis patient
+    magnifications: list[str] = field(default_factory=lambda: ["40X", "100X", "200X", "400X"])  # breakhis
+    group_by: str = "patient"  # breakhis splits: patient, or patient_magnification (the reproduction's; leaks)
     fold: int = 1
     augment: bool = True
     # Blur strength relative to the reference, which blurs the ~1024 px ISIC original before resizing
@@ -218,6 +220,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
     _require(0 < cfg.data_scale <= 1, f"--data_scale must be in (0, 1], got {cfg.data_scale}")
     _require(cfg.label_set in ("binary", "subtype"), f"--label_set '{cfg.label_set}' is unknown; expected binary or subtype")
+    _require(cfg.group_by in ("patient", "patient_magnification"),
+             f"--group_by '{cfg.group_by}' is unknown; expected patient or patient_magnification")
     _require(cfg.patients_scale > 0, f"--patients_scale must be positive, got {cfg.patients_scale}")
     _require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     _require(cfg.blur_scale is None or cfg.blur_scale > 0, f"--blur_scale must be positive, got {cfg.blur_scale}")
@@ -322,7 +326,7 @@ def config_help() -> dict[str, str]:
         "model": "model name from the registry (fedward models)",
         "stem": "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer and slower for small images)",
         "pre_trained_tv": "initialise the backbone from torchvision ImageNet weights: a file, or no value for torchvision's cache path",
-        "dataset": "data set: synthetic, synthetic_multires (built in; BreakHis-like, 4 resolutions, for mhpflid); with --data_dir: fed_isic2019, medmnist, folders "
+        "dataset": "data set: synthetic, synthetic_multires (built in; BreakHis-like, 4 resolutions, for mhpflid); with --data_dir: fed_isic2019, breakhis, medmnist, folders "
                    "(<client>/<train|val|test>/<class>/*)",
         "data_flag": "--dataset medmnist: the <flag>.npz file to read (dermamnist, pathmnist, ...)",
         "data_seed": "seed of the generated data set and its partition (--seed varies training only)",
@@ -336,9 +340,12 @@ def config_help() -> dict[str, str]:
         "partition_alpha": "Dirichlet concentration for hetero",
         "classes_per_client": "classes per client for pathological",
         "val_fraction": "fraction of each client's train data held out for validation",
-        "label_set": "synthetic_multires: binary (benign/malignant, MH-pFLID's task) or subtype (8 tumour types)",
-        "shared_images": "synthetic_multires: every client holds all patients' images at its own resolution (the "
+        "label_set": "synthetic_multires, breakhis: binary (benign/malignant, MH-pFLID's task) or subtype (8 tumour types)",
+        "shared_images": "synthetic_multires, breakhis: every client holds all patients' images at its own resolution (the "
                          "MH-pFLID reproduction's setting) instead of disjoint patients",
+        "magnifications": "breakhis: magnifications to read (default all four, pooled, as the reproduction)",
+        "group_by": "breakhis: split grouping, patient (default) or patient_magnification (the reproduction's, which "
+                    "lets a patient be in train and test at different magnifications)",
         "patients_scale": "synthetic_multires: synthetic patients per BreakHis patient (82 x scale patients)",
         "fold": "data fold (the reference ships fold 1 only)",
         "augment": "batched train augmentation of the reference (flips, blur, rotation)",

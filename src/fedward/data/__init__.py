@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from fedward.data import fed_isic2019, folders, medmnist, synthetic, synthetic_multires
+from fedward.data import breakhis, fed_isic2019, folders, medmnist, synthetic, synthetic_multires
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError
 
-DATASETS: dict[str, ModuleType] = {module.NAME: module for module in (synthetic, synthetic_multires, fed_isic2019, medmnist, folders)}
+DATASETS: dict[str, ModuleType] = {module.NAME: module for module in (synthetic, synthetic_multires, fed_isic2019, breakhis, medmnist, folders)}
 
 __all__ = ["DATASETS", "ClientData", "FederatedData", "Split", "get_dataset_module", "load_federated"]
 

@@ -63,7 +63,7 @@ from fedward.data.synthetic_multires import (
     REPRODUCTION_SPLIT_SEEDS,
     SPLITS,
     SUBTYPE_NAMES,
-    _client_patients,
+    client_patients,
     deal_patients,
     degrade,
 )
@@ -152,10 +152,10 @@ def _check_arguments(image_size, magnifications, labels, shared_images, group_by
         raise ConfigError(f"magnifications must be distinct values among {', '.join(MAGNIFICATIONS)}, got {magnifications!r}")
     if labels not in LABEL_CHOICES:
         raise ConfigError(f"labels must be one of {', '.join(LABEL_CHOICES)}, got {labels!r}")
-    if not isinstance(shared_images, bool):
-        raise ConfigError(f"shared_images must be true or false, got {shared_images!r}")
     if group_by not in GROUP_CHOICES:
         raise ConfigError(f"group_by must be one of {', '.join(GROUP_CHOICES)}, got {group_by!r}")
+    if not isinstance(shared_images, bool):
+        raise ConfigError(f"shared_images must be true or false, got {shared_images!r}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     return tuple(m for m in MAGNIFICATIONS if m in magnifications)
@@ -232,13 +232,13 @@ def load(
     group_patient[image_group] = image_patient
 
     if shared_images:
-        splits = [_client_patients(groups, group_binary, val_fraction, seed, NAME, "shared", split_seed)
+        splits = [client_patients(groups, group_binary, val_fraction, seed, NAME, "shared", split_seed)
                   for split_seed in REPRODUCTION_SPLIT_SEEDS]  # fmt: skip
     else:
         present = np.unique(image_patient)
         owners = [present[np.isin(present, dealt)] for dealt in
                   deal_patients(patient_subtypes, numpy_generator(seed, NAME, "clients"))]  # fmt: skip
-        splits = [_client_patients(groups[np.isin(group_patient[groups], owned)], group_binary, val_fraction, seed, NAME, client)
+        splits = [client_patients(groups[np.isin(group_patient[groups], owned)], group_binary, val_fraction, seed, NAME, client)
                   for client, owned in enumerate(owners)]  # fmt: skip
 
     labels_of = torch.from_numpy(image_subtype if labels == "subtype" else image_subtype // NUM_BENIGN_SUBTYPES)
@@ -264,11 +264,17 @@ def load(
         return [getattr(c, split).class_counts(len(class_names)).tolist() for c in clients]
 
     bad = [f"{path} ({reason})" for path, reason in decoded.bad[:MAX_LISTED]]
+    if bad:
+        warnings.warn(f"{NAME}: skipped {len(decoded.bad)} unreadable image(s) under {root} (first: {bad[0]})",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
     info = {
         "source": NAME,
         "layout": "breakhis",
         "data_dir": str(data_dir),
         "root": str(root),
+        "cache_file": str(decoded.cache_file) if decoded.cache_file else None,
+        "skipped_bad_images": len(decoded.bad),
+        "bad_images": bad,
         "image_size": image_size,
         "preprocess": "square resize (aspect ratio ignored)",
         "magnifications": list(magnifications),
@@ -285,11 +291,5 @@ def load(
         "patient_subtypes": patient_subtypes.tolist(),
         "patients": patients_info,
         "magnification_ids": magnification_info,
-        "skipped_bad_images": len(decoded.bad),
-        "bad_images": bad,
-        "cache_file": str(decoded.cache_file) if decoded.cache_file else None,
     }
-    if decoded.bad:
-        noun = "image" if len(decoded.bad) == 1 else "images"
-        warnings.warn(f"{NAME}: skipped {len(decoded.bad)} unreadable {noun} (first: {bad[0]})", RuntimeWarning, stacklevel=2)
     return FederatedData(NAME, len(class_names), class_names, image_size, clients, info=info)

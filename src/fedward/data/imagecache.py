@@ -27,7 +27,7 @@ from fedward.errors import ConfigError, DataError
 
 # Bump whenever a change alters the decoded pixels or the file format: it is part of the cache key.
 CACHE_FORMAT_VERSION = 1
-PREPROCESSES = ("resize",)
+PREPROCESSES = ("resize", "square")  # "square": whole image to size x size, aspect ignored
 MAX_LISTED = 20  # bad files named in an error message
 MAX_WORKERS = 8  # decoding threads (Pillow releases the GIL while decoding and resizing)
 
@@ -56,6 +56,13 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def resize_square(image: Image.Image, size: int) -> np.ndarray:
+    """The "square" preprocessing: the whole image resized to ``size`` x ``size`` (bicubic, aspect
+    ratio ignored, nothing cropped), RGB. Returns uint8 (3, size, size)."""
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
 def decode_one(path: Path, size: int, preprocess: str) -> np.ndarray:
     """Open, fully decode and preprocess one image file (raises on any unreadable file)."""
     with Image.open(path) as image:
@@ -64,7 +71,7 @@ def decode_one(path: Path, size: int, preprocess: str) -> np.ndarray:
             # several times faster on full-size photographs; the bicubic resize does the rest.
             image.draft("RGB", (size, size))
         image.load()
-        return resize_center_crop(image, size)
+        return resize_square(image, size) if preprocess == "square" else resize_center_crop(image, size)
 
 
 def _file_stamp(path: Path) -> list:
@@ -247,7 +254,7 @@ def default_cache_dir() -> Path:
 
 
 def decode_splits(listing: dict, order: list, image_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
-                  progress: bool) -> tuple[dict, DecodedImages]:
+                  progress: bool, preprocess: str = "resize") -> tuple[dict, DecodedImages]:
     """Decode every (path, label) of ``listing[key]`` for ``key`` in ``order`` through one cache, so
     each key's images are a contiguous slice (a view) of it; returns ({key: Split}, the decode).
     With ``skip_bad`` a key's split holds only its readable images."""
@@ -256,7 +263,7 @@ def decode_splits(listing: dict, order: list, image_size: int, *, cache_dir: str
     paths = [path for key in order for path, _ in listing[key]]
     labels = torch.tensor([label for key in order for _, label in listing[key]], dtype=torch.int64)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    decoded = decode_images(paths, image_size, cache_dir=cache, skip_bad=skip_bad, progress=progress)
+    decoded = decode_images(paths, image_size, cache_dir=cache, skip_bad=skip_bad, progress=progress, preprocess=preprocess)
     kept = np.asarray(decoded.kept, dtype=np.int64)
     kept_labels = labels[torch.from_numpy(kept)]
     parts, start = {}, 0

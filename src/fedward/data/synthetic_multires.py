@@ -247,7 +247,7 @@ def deal_patients(subtypes: np.ndarray, generator: np.random.Generator) -> list[
     return [np.sort(order[owner == client]) for client in range(NUM_CLIENTS)]
 
 
-def _client_patients(patients: np.ndarray, binary: np.ndarray, val_fraction: float, seed: int, *keys) -> dict[str, np.ndarray]:
+def client_patients(patients: np.ndarray, binary: np.ndarray, val_fraction: float, seed: int, *keys) -> dict[str, np.ndarray]:
     """One client's patient ids per split: 70/30 grouped train/test, then val carved from train."""
     train, test = grouped_split(patients, binary, TEST_FRACTION, numpy_generator(seed, NAME, "test", *keys), at_least_one=True)
     train, val = grouped_split(train, binary, val_fraction, numpy_generator(seed, NAME, "val", *keys), at_least_one=False)
@@ -300,11 +300,11 @@ def load(
     patient_labels = torch.from_numpy(subtypes if labels == "subtype" else binary)
     all_patients = np.arange(len(subtypes))
     if shared_images:
-        splits = [_client_patients(all_patients, binary, val_fraction, seed, "shared", split_seed)
+        splits = [client_patients(all_patients, binary, val_fraction, seed, "shared", split_seed)
                   for split_seed in REPRODUCTION_SPLIT_SEEDS]  # fmt: skip
     else:
         owners = deal_patients(subtypes, numpy_generator(seed, NAME, "clients"))
-        splits = [_client_patients(owned, binary, val_fraction, seed, client) for client, owned in enumerate(owners)]
+        splits = [client_patients(owned, binary, val_fraction, seed, client) for client, owned in enumerate(owners)]
 
     clients, patients_info, views_info = [], [], []
     for client, parts in enumerate(splits):

@@ -83,6 +83,11 @@ def _load_dataset(cfg: RunConfig) -> FederatedData:
         data = load_federated(dataset, data_dir=cfg.data_dir, flag=cfg.data_flag, image_size=cfg.image_size,
                               num_clients=cfg.client_number or 4, partition=method, alpha=cfg.partition_alpha,
                               seed=cfg.data_seed, classes_per_client=cfg.classes_per_client)
+    elif dataset == "breakhis":
+        data = load_federated(dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, magnifications=cfg.magnifications,
+                              labels=cfg.label_set, shared_images=cfg.shared_images, group_by=cfg.group_by,
+                              val_fraction=cfg.val_fraction, seed=cfg.data_seed, skip_bad_images=cfg.skip_bad_images,
+                              progress=cfg.progress)
     elif dataset == "folders":
         data = load_federated(dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
                               seed=cfg.data_seed, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
@@ -99,7 +104,7 @@ def _load_dataset(cfg: RunConfig) -> FederatedData:
 def load_data(cfg: RunConfig) -> FederatedData:
     """The federated data set of this run, partitioned as the config says."""
     data = _load_dataset(cfg)
-    if data.name == "medmnist":  # already split over --client_number clients by --partition_method
+    if data.name in ("medmnist", "breakhis"):  # already split over clients by the loader
         return data
     natural = data.num_clients
     method = cfg.partition_method
