@@ -15,6 +15,7 @@ from fedward import __version__
 from fedward.config import DEAD_REFERENCE_FLAGS, FIELD_NAMES, RunConfig, build_config, config_help, load_yaml
 from fedward.errors import ConfigError, FedwardError
 
+DOWNLOADABLE = ("isic2019",)  # `fedward data download NAME`
 BOOL_FIELDS = {name for name, f in RunConfig.__dataclass_fields__.items() if str(f.type).startswith("bool")}
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
     _add_prior_parser(subparsers)
-    data = subparsers.add_parser("data", help="check or prepare a data folder")
+    data = subparsers.add_parser("data", help="download, check or prepare a data folder")
     data_actions = data.add_subparsers(dest="data_command", required=True)
     check = data_actions.add_parser("check", help="report clients, classes and counts of a data folder, without training",
                                     description="Load a data folder as a run would (decoding images into the cache) "
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output folder (FLamby calls it ISIC_2019_Training_Input_preprocessed)")
     prepare.add_argument("--size", type=int, default=224, help="short side after resizing (default: 224)")
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
+    download = data_actions.add_parser("download", help="fetch a public data set (resumable, content-checked)",
+                                       description="isic2019: the ISIC 2019 training images, metadata and ground "
+                                                   "truth (CC BY-NC 4.0) and FLamby's split file, extracted and "
+                                                   "checked into the layout `--dataset fed_isic2019` reads.")
+    download.add_argument("name", help=f"data set: {', '.join(DOWNLOADABLE)}")
+    download.add_argument("--to", required=True, metavar="DIR", help="target folder (later: --data_dir DIR)")
+    download.add_argument("--accept-licence", action="store_true", help="accept the data licence non-interactively")
+    download.add_argument("--no-progress", action="store_true", help="no progress bars")
+    download.add_argument("--prepare", action="store_true", help="then preprocess as `fedward data prepare` does, ready for `fedward run`")
+    download.add_argument("--delete-zip", action="store_true", help="delete the zip once extracted (default: keep)")
     return parser
 
 
@@ -209,6 +220,14 @@ def command_data(args: argparse.Namespace) -> int:
 
         counts = prepare_isic2019(Path(args.src), Path(args.dst), size=args.size, workers=args.workers)
         print(f"prepared {counts['done']} images, {counts['skipped']} already done: {args.dst}")
+        return 0
+    if args.data_command == "download":
+        if args.name not in DOWNLOADABLE:
+            raise ConfigError(f"unknown data set {args.name!r} to download; known: {', '.join(DOWNLOADABLE)}")
+        from fedward.data.download_isic import download_isic2019
+
+        download_isic2019(args.to, accept_licence=args.accept_licence, progress=not args.no_progress,
+                          prepare=args.prepare, delete_zip=args.delete_zip)
         return 0
 
     from fedward.engine.setup import load_data
