@@ -8,13 +8,18 @@
 - ``<class>``: the class folders. The classes are the union of the class folder names over all
   clients and splits, sorted, so a class one client lacks still has the same index everywhere.
   Images may sit in sub-folders of a class folder.
-- images: ``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.tif``, ``.tiff`` (any case); other files are
-  ignored. Image files directly under ``<client>/`` or ``<client>/<split>/`` have no class: they
-  are left out with a warning naming them.
+- images: ``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.tif``, ``.tiff``, and DICOM ``.dcm``,
+  ``.dicom`` (any case); other files are ignored. Image files directly under ``<client>/`` or
+  ``<client>/<split>/`` have no class: they are left out with a warning naming them.
 
-DICOM (``.dcm``) files are not read yet (the image cache decodes with Pillow only): a ``.dcm``
-file raises ``DataError`` naming it. Images are decoded once (shorter side to ``image_size``,
-centre crop) through the image cache (``fedward.data.imagecache``).
+DICOM files are read with the optional pydicom (``pip install "fedward[dicom]"``; without it a
+DICOM file is a ``DataError`` naming it and the install command): the first frame, with the
+modality LUT (rescale) and VOI LUT / window applied when present, ``MONOCHROME1`` inverted, scaled
+to 0..255 by the image's own min and max, grayscale copied to 3 channels (see
+``fedward.data.imagecache.read_dicom``). A DICOM file pydicom cannot read (corrupt, or compressed
+with a transfer syntax no installed decoder handles) is an unreadable image like any other. Every
+image is decoded once (shorter side to ``image_size``, centre crop) through the image cache
+(``fedward.data.imagecache``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import warnings
 from pathlib import Path
 
 
-from fedward.data.imagecache import decode_splits, default_cache_dir  # noqa: F401 (re-exported)
+from fedward.data.imagecache import DICOM_SUFFIXES, decode_splits, default_cache_dir  # noqa: F401 (re-exported)
 from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
@@ -36,8 +41,8 @@ NUM_CLASSES = None
 CLASS_NAMES = None
 CLIENT_NAMES = None
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-DICOM_EXTENSIONS = (".dcm", ".dicom")
+DICOM_EXTENSIONS = DICOM_SUFFIXES  # (".dcm", ".dicom"), read with pydicom
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 20
 
@@ -59,13 +64,6 @@ def _listed(paths: list[Path], root: Path) -> str:
     return ", ".join(names) + more
 
 
-def _check_dicom(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in DICOM_EXTENSIONS:
-            raise DataError(f"DICOM file {path}: the folders data set does not read DICOM yet; convert the files to PNG "
-                            f"(e.g. with pydicom: pip install pydicom)")  # fmt: skip
-
-
 def scan(data_dir: Path) -> tuple[list[str], list[str], Listing, list[Path]]:
     """(client names, class names, listing, misplaced image files) of the tree under ``data_dir``."""
     if not data_dir.is_dir():
@@ -73,7 +71,6 @@ def scan(data_dir: Path) -> tuple[list[str], list[str], Listing, list[Path]]:
     clients = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and _visible(p))
     if not clients:
         raise DataError(f"no client folders in {data_dir}; expected <root>/<client>/<train|val|test>/<class>/<image>")
-    _check_dicom(data_dir)
     listing: Listing = {}
     classes: set[str] = set()
     misplaced: list[Path] = sorted(p for p in data_dir.iterdir() if _is_image(p))

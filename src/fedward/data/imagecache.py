@@ -6,6 +6,9 @@ sidecar ``<key>.json``) whose key covers every path's size and modification time
 so a later call with the same files and settings decodes nothing at all, and a changed file or
 setting gives a new cache. Files that cannot be read are an error unless ``skip_bad`` is set, in
 which case they are left out and reported, never dropped silently.
+
+Images are decoded with Pillow, except DICOM files (``.dcm``/``.dicom``, any case), which are read
+with the optional ``pydicom`` (``pip install "fedward[dicom]"``); see ``read_dicom``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ CACHE_FORMAT_VERSION = 1
 PREPROCESSES = ("resize", "square")  # "square": whole image to size x size, aspect ignored
 MAX_LISTED = 20  # bad files named in an error message
 MAX_WORKERS = 8  # decoding threads (Pillow releases the GIL while decoding and resizing)
+DICOM_SUFFIXES = (".dcm", ".dicom")  # read with pydicom, not Pillow (any case)
+DICOM_INSTALL = 'pip install "fedward[dicom]" (or pip install pydicom)'
 
 
 @dataclass
@@ -63,15 +68,147 @@ def resize_square(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` is read as DICOM: its suffix is ``.dcm`` or ``.dicom`` (any case)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
+def _import_pydicom(path: Path | None = None):
+    """The ``pydicom`` module, or ``DataError`` naming ``path`` and the install command."""
+    try:
+        import pydicom
+        import pydicom.errors  # noqa: F401
+        import pydicom.pixels  # noqa: F401 (pydicom >= 3)
+    except ImportError as error:
+        what = f"DICOM file {path}" if path is not None else "DICOM files"
+        raise DataError(f"reading {what} needs pydicom >= 3, which is not installed ({error}); {DICOM_INSTALL}") from error
+    return pydicom
+
+
+def _dicom_signature() -> list:
+    """What a decoded DICOM image depends on besides the file: the pydicom version and the
+    compressed transfer syntaxes it can decode here (installing a decoder gives a new cache)."""
+    pydicom = _import_pydicom()
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import AllTransferSyntaxes
+
+    decodable = []
+    for uid in AllTransferSyntaxes:
+        try:
+            if uid.is_compressed and get_decoder(uid).is_available:
+                decodable.append(str(uid))
+        except Exception:  # no decoder for this syntax at all
+            continue
+    return ["dicom", pydicom.__version__, sorted(decodable)]
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linear min/max scaling to uint8: ``rint((v - min) / (max - min) * 255)``; a constant image
+    gives zeros."""
+    values = values.astype(np.float64, copy=False)
+    if not np.isfinite(values).all():
+        raise ValueError("pixel values are not all finite")
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+
+
+def _bits_to_uint8(values: np.ndarray, bits: int) -> np.ndarray:
+    """Colour values of ``bits`` bits to uint8 (8 bits: unchanged), the range 0..2**bits - 1 to 0..255."""
+    if values.dtype == np.uint8 and bits >= 8:
+        return np.ascontiguousarray(values)
+    top = float(2 ** max(1, bits) - 1)
+    return np.rint(np.clip(values.astype(np.float64), 0, top) / top * 255.0).astype(np.uint8)
+
+
+def read_dicom(path: Path) -> Image.Image:
+    """Read one DICOM file into a Pillow image ("L" for grayscale, "RGB" for colour).
+
+    The pixel data is decoded by pydicom (uncompressed transfer syntaxes, and the compressed ones
+    for which a pydicom decoder is installed; any other is an error naming the transfer syntax). A
+    bare data set without the DICOM file header is read too, its transfer syntax taken from its
+    encoding. Only the FIRST frame of a multi-frame file is read.
+
+    Grayscale: the modality LUT (RescaleSlope/Intercept or a Modality LUT) and then the VOI LUT or
+    window (WindowCenter/Width, the first one when several) are applied when present,
+    ``MONOCHROME1`` is inverted so that bright is always high, and the result is scaled linearly to
+    0..255 by its own min and max (a constant image gives zeros). Colour (kept, not stretched):
+    pydicom converts YBR to RGB; 8-bit RGB is used as is, deeper RGB is scaled from its BitsStored
+    range to 0..255; ``PALETTE COLOR`` goes through its palette, scaled from the palette's range.
+    Raises on any unreadable file.
+    """
+    pydicom = _import_pydicom(path)
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:
+        # No preamble / file meta (a bare data set, as some older exports write): read it anyway,
+        # take the transfer syntax from the encoding found, and accept it only with pixel data.
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception:
+            ds = None
+        if ds is None or "PixelData" not in ds:
+            raise ValueError("not a DICOM file (no DICOM file meta information / 'DICM' prefix)") from None
+        if "TransferSyntaxUID" not in ds.file_meta:
+            syntaxes = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+                        (False, False): ExplicitVRBigEndian}  # fmt: skip
+            syntax = syntaxes.get(tuple(ds.original_encoding))
+            if syntax is not None:
+                ds.file_meta.TransferSyntaxUID = syntax
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file has no pixel data (PixelData)")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None:
+        raise ValueError("DICOM file has no transfer syntax (0002,0010) in its file meta information")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ValueError(f"transfer syntax {syntax.name} ({syntax}) is not supported by pydicom") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin"
+        raise ValueError(f"compressed transfer syntax {syntax.name} ({syntax}) needs a pixel data decoder that is "
+                         f"not installed ({missing})")  # fmt: skip
+    try:
+        pixels = pixel_array(ds, index=0)  # the first frame only
+    except Exception as error:
+        raise ValueError(f"cannot decode the pixel data ({syntax.name}): {type(error).__name__}: {error}") from error
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if photometric == "PALETTE COLOR":
+        colours = apply_color_lut(pixels, ds)
+        return Image.fromarray(_bits_to_uint8(colours, 8 * colours.dtype.itemsize), "RGB")
+    if samples == 3:
+        return Image.fromarray(_bits_to_uint8(pixels, int(ds.get("BitsStored", 8 * pixels.dtype.itemsize))), "RGB")
+    if samples != 1 or pixels.ndim != 2:
+        raise ValueError(f"unsupported DICOM pixel layout: SamplesPerPixel {samples}, array shape {pixels.shape}")
+    values = apply_modality_lut(pixels, ds)
+    values = apply_voi_lut(values, ds, index=0)  # unchanged when there is no VOI LUT or window
+    values = values.astype(np.float64)
+    if photometric == "MONOCHROME1":
+        values = -values  # minimum is white: invert, so scaling maps it to 255
+    return Image.fromarray(_to_uint8(values), "L")
+
+
+def _preprocess(image: Image.Image, size: int, preprocess: str) -> np.ndarray:
+    return resize_square(image, size) if preprocess == "square" else resize_center_crop(image, size)
+
+
 def decode_one(path: Path, size: int, preprocess: str) -> np.ndarray:
-    """Open, fully decode and preprocess one image file (raises on any unreadable file)."""
+    """Open, fully decode and preprocess one image file (raises on any unreadable file). DICOM
+    files are read by ``read_dicom``, every other file by Pillow; the preprocessing is the same."""
+    if is_dicom(path):
+        return _preprocess(read_dicom(path), size, preprocess)
     with Image.open(path) as image:
         if image.format == "JPEG":
             # libjpeg downscales by 1/2, 1/4 or 1/8 while decoding, keeping both sides >= size:
             # several times faster on full-size photographs; the bicubic resize does the rest.
             image.draft("RGB", (size, size))
         image.load()
-        return resize_square(image, size) if preprocess == "square" else resize_center_crop(image, size)
+        return _preprocess(image, size, preprocess)
 
 
 def _file_stamp(path: Path) -> list:
@@ -84,9 +221,12 @@ def _file_stamp(path: Path) -> list:
 
 
 def cache_key(paths: list[Path], image_size: int, preprocess: str) -> str:
-    """sha256 over the format version, settings, and every file's resolved path, size and mtime."""
+    """sha256 over the format version, settings, and every file's resolved path, size and mtime;
+    when a path is a DICOM file, also over the pydicom version and its installed decoders."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_FORMAT_VERSION, image_size, preprocess]).encode())
+    if any(is_dicom(path) for path in paths):
+        digest.update(json.dumps(_dicom_signature()).encode())
     for path in paths:
         digest.update(b"\n" + json.dumps(_file_stamp(path)).encode())
     return digest.hexdigest()[:32]
@@ -216,13 +356,24 @@ def decode_images(
     Unreadable files (missing, truncated, not an image) raise ``DataError`` naming them, unless
     ``skip_bad``: then they are left out, ``kept`` says which inputs the images are, and ``bad``
     lists the others with reasons. The cache remembers skipped files; a call without ``skip_bad``
-    never trusts that memory and tries them again.
+    never trusts that memory and tries them again. DICOM files without pydicom installed are a
+    ``DataError`` naming them and the install command, even with ``skip_bad`` (a missing package
+    is not a bad image).
     """
     if preprocess not in PREPROCESSES:
         raise ConfigError(f"unknown image preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSES)}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     paths = [Path(p) for p in paths]
+    dicom = [p for p in paths if is_dicom(p)]
+    if dicom:
+        try:
+            _import_pydicom()
+        except DataError as error:
+            more = f" (+{len(dicom) - 1} more)" if len(dicom) > 1 else ""
+            noun = "file" if len(dicom) == 1 else "files"
+            raise DataError(f"{len(dicom)} DICOM {noun} ({dicom[0]}{more}) cannot be read: pydicom >= 3 is not installed; "
+                            f"{DICOM_INSTALL}") from error  # fmt: skip
     if cache_dir is None:
         result = _decode_in_memory(paths, image_size, preprocess, progress)
     else:
