@@ -35,6 +35,12 @@ def test_bad_values_name_the_key(values, text):
     assert text in str(err.value)
 
 
+def test_heterogeneous_methods_default_to_the_seeds_batch_of_8():
+    assert build_config({"method": "MHpFLID"}).batch_size == 8
+    assert build_config({"method": "fedkd", "batch_size": 32}).batch_size == 32
+    assert build_config({"method": "fedavg"}).batch_size == RunConfig().batch_size == 64
+
+
 def test_client_architectures_default_cycle_and_count_check():
     from fedward.config import client_architectures
 

@@ -197,8 +197,14 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"'{name}' must be {expected}, got {value!r}") from None
 
 
+# Defaults that differ by method (the MH-pFLID seed's batch size); a given value always wins.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {method: {"batch_size": 8} for method in HETEROGENEOUS_METHODS}
+
+
 def build_config(values: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a dict of field values (file values overridden by flags)."""
+    method = str(values.get("method", RunConfig.method)).lower()
+    values = {**METHOD_DEFAULTS.get(method, {}), **values}
     cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(cfg)
     return cfg
