@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, Workspace, to_cpu, training_batches
+from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, Workspace, to_cpu
 from fedward.algorithms.compression import compress, compressed_names, decompress
-from fedward.algorithms.heterogeneous import SharedModelMethod
+from fedward.algorithms.heterogeneous import SharedModelMethod, train_stage
 from fedward.data.types import ClientData
 from fedward.losses import distillation_kl
 from fedward.models.registry import init_weights
@@ -71,31 +71,25 @@ class FedKD(SharedModelMethod):
 
         projection = self.load_client_module(ws, client, state, "hidden-projection", build_projection).train()
         loss_fn = self.task_loss(client, message.round)
-        clip = cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip
         modules = (mentor, mentee, projection)
         optimizer = self.optimizer(state, "mutual", [{"params": list(m.parameters()), "lr": cfg.local_lr}
                                                      for m in modules])
-        split = client.train
-        total, steps = torch.zeros((), dtype=torch.float64), 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator):
-            inputs = ws.augment(split.images[index].to(ws.device), generator)
-            labels = split.labels[index].to(ws.device)
+
+        def adaptive_loss(inputs, labels):
             mentor_hidden, mentee_hidden = mentor.embed(inputs), mentee.embed(inputs)
             mentor_logits, mentee_logits = mentor.fc(mentor_hidden), mentee.fc(mentee_hidden)
             mentor_ce, mentee_ce = loss_fn(mentor_logits, labels), loss_fn(mentee_logits, labels)
             distillation = (distillation_kl(mentor_logits, mentee_logits) + distillation_kl(mentee_logits, mentor_logits)
                             + F.mse_loss(mentor_hidden, projection(mentee_hidden)))
             loss = mentor_ce + mentee_ce + distillation / (mentor_ce + mentee_ce).detach()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for module in modules:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-            optimizer.step()
-            total += loss.detach().double().cpu()
-            steps += 1
+            return loss, loss
+
+        steps, mean_loss = train_stage(
+            ws, client.train, epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, optimizer=optimizer,
+            clip=self.grad_clip, clip_groups=[list(m.parameters()) for m in modules], batch_loss=adaptive_loss)
         self.keep_optimizer(state, "mutual", optimizer)
         state["local"] = to_cpu(mentor.state_dict())
         state["hidden-projection"] = to_cpu(projection.state_dict())
-        reply = self.reply(client, mentee, {"train-loss": float(total / max(steps, 1)), "steps": float(steps)})
+        reply = self.reply(client, mentee, {"train-loss": mean_loss, "steps": float(steps)})
         reply.arrays = compress(reply.arrays, self.energy(message.round))
         return reply

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu, training_batches
-from fedward.algorithms.heterogeneous import SharedModelMethod
+from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu
+from fedward.algorithms.heterogeneous import SharedModelMethod, train_stage
 from fedward.data.types import ClientData
 from fedward.losses import distillation_kl
 
@@ -35,27 +35,21 @@ class FML(SharedModelMethod):
         meme = self.load_shared(ws, message).train()
         local = self.load_local(ws, client, state).train()
         loss_fn = self.task_loss(client, message.round)
-        clip = cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip
         optimizer = self.optimizer(state, "mutual", [{"params": list(local.parameters()), "lr": cfg.local_lr},
                                                      {"params": list(meme.parameters()), "lr": cfg.local_lr}])
-        split = client.train
-        total, steps = torch.zeros((), dtype=torch.float64), 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator):
-            inputs = ws.augment(split.images[index].to(ws.device), generator)
-            labels = split.labels[index].to(ws.device)
+
+        def mutual_loss(inputs, labels):
             local_logits, meme_logits = local(inputs), meme(inputs)
             local_loss = (cfg.fml_alpha * loss_fn(local_logits, labels)
                           + (1 - cfg.fml_alpha) * distillation_kl(local_logits, meme_logits))
             meme_loss = (cfg.fml_beta * loss_fn(meme_logits, labels)
                          + (1 - cfg.fml_beta) * distillation_kl(meme_logits, local_logits))
-            optimizer.zero_grad(set_to_none=True)
             # The teachers are detached, so one backward of the sum gives each model its own loss's gradient.
-            (local_loss + meme_loss).backward()
-            torch.nn.utils.clip_grad_norm_(local.parameters(), clip)
-            torch.nn.utils.clip_grad_norm_(meme.parameters(), clip)
-            optimizer.step()
-            total += local_loss.detach().double().cpu()
-            steps += 1
+            return local_loss + meme_loss, local_loss
+
+        steps, mean_loss = train_stage(
+            ws, client.train, epochs=cfg.epochs, batch_size=cfg.batch_size, generator=generator, optimizer=optimizer,
+            clip=self.grad_clip, clip_groups=[list(local.parameters()), list(meme.parameters())], batch_loss=mutual_loss)
         self.keep_optimizer(state, "mutual", optimizer)
         state["local"] = to_cpu(local.state_dict())
-        return self.reply(client, meme, {"train-loss": float(total / max(steps, 1)), "steps": float(steps)})
+        return self.reply(client, meme, {"train-loss": mean_loss, "steps": float(steps)})

@@ -10,14 +10,14 @@ deliverable: it is what the engine evaluates, on the client's own splits.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.base import Algorithm, Arrays, ClientReply, ServerMessage, Workspace, to_cpu
-from fedward.data.types import ClientData
+from fedward.algorithms.base import Algorithm, Arrays, ClientReply, ServerMessage, Workspace, to_cpu, training_batches
+from fedward.data.types import ClientData, Split
 from fedward.losses import LocalLoss, build_loss
 from fedward.seeding import torch_generator
 
@@ -29,11 +29,41 @@ def adam(param_groups: list[dict[str, Any]]) -> torch.optim.Adam:
     return torch.optim.Adam(param_groups, fused=fused)
 
 
+# (augmented inputs, labels) -> (loss to minimise, loss to report)
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_stage(ws: Workspace, split: Split, *, epochs: int, batch_size: int, generator: torch.Generator,
+                optimizer: torch.optim.Optimizer, clip: float, clip_groups: list[list[torch.nn.Parameter]],
+                batch_loss: BatchLoss) -> tuple[int, float]:
+    """``epochs`` of minibatch steps on ``split`` (batches augmented with the client's generator);
+    each parameter group in ``clip_groups`` has its gradient norm clipped to ``clip`` on its own.
+    Returns (steps, mean reported loss)."""
+    total, steps = torch.zeros((), dtype=torch.float64), 0
+    for _, index in training_batches(split, batch_size, epochs, generator):
+        inputs = ws.augment(split.images[index].to(ws.device), generator)
+        labels = split.labels[index].to(ws.device)
+        loss, reported = batch_loss(inputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in clip_groups:
+            torch.nn.utils.clip_grad_norm_(group, clip)
+        optimizer.step()
+        total += reported.detach().double().cpu()
+        steps += 1
+    return steps, float(total / max(steps, 1))
+
+
 class SharedModelMethod(Algorithm):
     """Base: broadcast the shared model every round, keep the local model in the client's state,
     average the shared model's replies (BatchNorm buffers included)."""
 
     personalised = True
+    default_grad_clip: float  # each method's reference clip; --grad_clip overrides it
+
+    @property
+    def grad_clip(self) -> float:
+        return self.cfg.grad_clip if self.cfg.grad_clip is not None else self.default_grad_clip
 
     # -- server -------------------------------------------------------------------------------
     def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:

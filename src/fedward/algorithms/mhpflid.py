@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu, training_batches
-from fedward.algorithms.heterogeneous import SharedModelMethod
+from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu
+from fedward.algorithms.heterogeneous import SharedModelMethod, train_stage
 from fedward.data.types import ClientData
 from fedward.losses import distillation_kl
 from fedward.models.messenger import build_fusion
@@ -80,20 +80,11 @@ class MHpFLID(SharedModelMethod):
         receiver = self.fusion(ws, client, state, "receiver")
         transmitter = self.fusion(ws, client, state, "transmitter")
         loss_fn = self.task_loss(client, message.round)
-        clip = cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip
         uses_local_features = cfg.mhpflid_fusion != "none"
-        split = client.train
+        stage = dict(batch_size=cfg.batch_size, generator=generator, clip=self.grad_clip)
 
         # -- injection: messenger frozen (eval mode: its head's BatchNorm statistics stay as sent)
-        messenger.eval().requires_grad_(False)
-        local.train()
-        receiver.train()
-        trainable = [*local.parameters(), *receiver.parameters()]
-        optimizer = self.optimizer(state, "injection", [{"params": trainable, "lr": cfg.local_lr}])
-        injection_total, injection_steps = torch.zeros((), dtype=torch.float64), 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.injection_epochs, generator):
-            inputs = ws.augment(split.images[index].to(ws.device), generator)
-            labels = split.labels[index].to(ws.device)
+        def injection_loss(inputs, labels):
             local_map = local.feature_map(inputs)
             loss = cfg.lambda_inj_local * loss_fn(pooled_logits(local, local_map), labels)
             if uses_local_features and cfg.lambda_inj_messenger > 0:
@@ -102,45 +93,44 @@ class MHpFLID(SharedModelMethod):
                     messenger_map = messenger.feature_map(inputs)
                 routed = messenger.classify_tokens(receiver(messenger_map, local_map))
                 loss = loss + cfg.lambda_inj_messenger * loss_fn(routed, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, clip)
-            optimizer.step()
-            injection_total += loss.detach().double().cpu()
-            injection_steps += 1
+            return loss, loss
+
+        messenger.eval().requires_grad_(False)
+        local.train()
+        receiver.train()
+        trainable = [*local.parameters(), *receiver.parameters()]
+        optimizer = self.optimizer(state, "injection", [{"params": trainable, "lr": cfg.local_lr}])
+        injection_steps, injection_loss_mean = train_stage(
+            ws, client.train, epochs=cfg.injection_epochs, optimizer=optimizer, clip_groups=[trainable],
+            batch_loss=injection_loss, **stage)
         self.keep_optimizer(state, "injection", optimizer)
         messenger.requires_grad_(True)
 
         # -- distillation: local model frozen (eval mode), messenger and T learn
-        local.eval()
-        messenger.train()
-        transmitter.train()
-        optimizer = self.optimizer(state, "distillation", [
-            {"params": list(messenger.parameters()), "lr": cfg.messenger_lr},
-            {"params": list(transmitter.parameters()), "lr": cfg.local_lr}])
-        trainable = [*messenger.parameters(), *transmitter.parameters()]
-        distillation_total, distillation_steps = torch.zeros((), dtype=torch.float64), 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.distillation_epochs, generator):
-            inputs = ws.augment(split.images[index].to(ws.device), generator)
-            labels = split.labels[index].to(ws.device)
+        def distillation_loss(inputs, labels):
             with torch.no_grad():
                 local_map = local.feature_map(inputs)
                 teacher = pooled_logits(local, local_map)
             logits = messenger.classify_tokens(transmitter(messenger.feature_map(inputs), local_map))
             loss = (cfg.lambda_dis_messenger * loss_fn(logits, labels)
                     + cfg.lambda_dis_kl * distillation_kl(logits, teacher, cfg.kd_temperature))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, clip)
-            optimizer.step()
-            distillation_total += loss.detach().double().cpu()
-            distillation_steps += 1
+            return loss, loss
+
+        local.eval()
+        messenger.train()
+        transmitter.train()
+        optimizer = self.optimizer(state, "distillation", [
+            {"params": list(messenger.parameters()), "lr": cfg.messenger_lr},
+            {"params": list(transmitter.parameters()), "lr": cfg.local_lr}])
+        distillation_steps, distillation_loss_mean = train_stage(
+            ws, client.train, epochs=cfg.distillation_epochs, optimizer=optimizer,
+            clip_groups=[[*messenger.parameters(), *transmitter.parameters()]], batch_loss=distillation_loss, **stage)
         self.keep_optimizer(state, "distillation", optimizer)
 
         state["local"] = to_cpu(local.state_dict())
         state["receiver"] = to_cpu(receiver.state_dict())
         state["transmitter"] = to_cpu(transmitter.state_dict())
         return self.reply(client, messenger, {
-            "injection-loss": float(injection_total / max(injection_steps, 1)),
-            "distillation-loss": float(distillation_total / max(distillation_steps, 1)),
+            "injection-loss": injection_loss_mean,
+            "distillation-loss": distillation_loss_mean,
             "steps": float(injection_steps + distillation_steps)})

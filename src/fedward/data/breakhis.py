@@ -57,12 +57,12 @@ from fedward.data.synthetic_multires import (
     BINARY_NAMES,
     CLIENT_NAMES,
     DOWNSAMPLING,
-    LABEL_CHOICES,
     NUM_BENIGN_SUBTYPES,
     NUM_CLIENTS,
     REPRODUCTION_SPLIT_SEEDS,
     SPLITS,
     SUBTYPE_NAMES,
+    check_split_options,
     client_patients,
     deal_patients,
     degrade,
@@ -150,14 +150,9 @@ def _check_arguments(image_size, magnifications, labels, shared_images, group_by
     unknown = [m for m in magnifications if m not in MAGNIFICATIONS]
     if not magnifications or unknown or len(set(magnifications)) != len(magnifications):
         raise ConfigError(f"magnifications must be distinct values among {', '.join(MAGNIFICATIONS)}, got {magnifications!r}")
-    if labels not in LABEL_CHOICES:
-        raise ConfigError(f"labels must be one of {', '.join(LABEL_CHOICES)}, got {labels!r}")
+    check_split_options(labels, shared_images, val_fraction)
     if group_by not in GROUP_CHOICES:
         raise ConfigError(f"group_by must be one of {', '.join(GROUP_CHOICES)}, got {group_by!r}")
-    if not isinstance(shared_images, bool):
-        raise ConfigError(f"shared_images must be true or false, got {shared_images!r}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     return tuple(m for m in MAGNIFICATIONS if m in magnifications)
 
 

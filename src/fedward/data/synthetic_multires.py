@@ -261,6 +261,11 @@ def _check_arguments(image_size, patients_scale, images_per_patient, labels, sha
         raise ConfigError(f"patients_scale must be a number > 0, got {patients_scale!r}")
     if isinstance(images_per_patient, bool) or not isinstance(images_per_patient, int) or images_per_patient < 1:
         raise ConfigError(f"images_per_patient must be an integer >= 1, got {images_per_patient!r}")
+    check_split_options(labels, shared_images, val_fraction)
+
+
+def check_split_options(labels, shared_images, val_fraction) -> None:
+    """The options this data set shares with the real BreakHis loader."""
     if labels not in LABEL_CHOICES:
         raise ConfigError(f"labels must be one of {', '.join(LABEL_CHOICES)}, got {labels!r}")
     if not isinstance(shared_images, bool):
