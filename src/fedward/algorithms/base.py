@@ -199,6 +199,11 @@ class Algorithm:
         """Array names a reply may carry: the privacy tests check replies against this."""
         return set(global_state)
 
+    def reply_as_state(self, arrays: Arrays, global_state: Arrays) -> Arrays:
+        """A reply's arrays under the global model's names and shapes, for the server's shape checks
+        (FedKD overrides this to multiply its low-rank factors out)."""
+        return arrays
+
     def diagnostic_models(self, ws: Workspace, client: ClientData, state: dict[str, Any]) -> dict[str, nn.Module]:
         """Extra predictors evaluated on a client's own splits next to its local model, by name
         (logged as ``model: <name>`` rows; never part of the summary)."""

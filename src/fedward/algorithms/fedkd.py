@@ -54,6 +54,9 @@ class FedKD(SharedModelMethod):
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
         return set().union(*(compressed_names(name) for name in global_state))
 
+    def reply_as_state(self, arrays: Arrays, global_state: Arrays) -> Arrays:
+        return decompress(arrays, global_state)
+
     # -- client -------------------------------------------------------------------------------
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:

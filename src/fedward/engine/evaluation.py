@@ -25,6 +25,21 @@ class Predictions:
         return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.preds for p in parts]),
                            sum(p.loss_sum for p in parts))
 
+    @staticmethod
+    def from_confusion(matrix, loss_sum: float) -> "Predictions":
+        """Predictions with the counts of a confusion matrix (entry [i, j]: true i predicted j). Every
+        metric here is invariant to the order of samples, so this gives exactly the rows of the
+        predictions the matrix was counted from, without the labels themselves."""
+        matrix = np.asarray(matrix, dtype=np.int64)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or (matrix < 0).any():
+            raise ValueError(f"a confusion matrix must be a square table of counts >= 0, got shape {matrix.shape}")
+        true, pred = np.nonzero(matrix)
+        counts = matrix[true, pred]
+        return Predictions(np.repeat(true, counts), np.repeat(pred, counts), float(loss_sum))
+
+    def confusion(self, num_classes: int) -> np.ndarray:
+        return confusion_matrix(self.labels, self.preds, num_classes)
+
     def row(self, num_classes: int, *, with_confusion: bool = False, **fields: Any) -> dict[str, Any]:
         """A metrics.jsonl row: the given fields, then BA, accuracy, macro-F1, loss, n, per-class recall."""
         metrics = classification_metrics(self.labels, self.preds, num_classes)

@@ -56,10 +56,15 @@ class ClientResult:
 class Simulation:
     """Holds what one worker needs to run client updates: config, data, method and workspace."""
 
-    def __init__(self, cfg: RunConfig, data: FederatedData, device: str):
+    def __init__(self, cfg: RunConfig, data: FederatedData, device: str, *, spec: TaskSpec | None = None,
+                 pooled_local_rows: bool = True):
+        """``spec`` defaults to the facts of ``data``; a Flower node, which holds one client only, gets
+        the federation's facts from the server instead. ``pooled_local_rows``: also evaluate each
+        personalised model on the union of all clients' test sets (only possible when all data is here)."""
         self.cfg = cfg
         self.data = data
-        self.spec: TaskSpec = task_spec(data)
+        self.spec: TaskSpec = spec if spec is not None else task_spec(data)
+        self.pooled_local_rows = pooled_local_rows
         self.build_model = model_builder(cfg, self.spec)
         self.algorithm: Algorithm = get_algorithm(cfg.method)(cfg, self.spec, self.build_model)
         self.device = torch.device(device)
@@ -81,7 +86,7 @@ class Simulation:
     def run_client(self, task: ClientTask, evaluate_local: bool) -> ClientResult:
         """One client's update (and, when asked, the evaluation of its local model on its splits)."""
         start = time.perf_counter()
-        client = self.training_clients[task.client_index]
+        client = self.client(task.client_index)
         seed_globals(self.cfg.seed, "global-stream", task.round, task.client_index)
         generator = torch_generator(self.cfg.seed, "client-train", task.round, task.client_index)
         state = task.state
@@ -91,6 +96,13 @@ class Simulation:
         if local is not None:
             rows = self.local_rows(task.round, client, local, state)
         return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start)
+
+    def client(self, client_id: int) -> ClientData:
+        """The training client with this id (a Flower node holds only its own)."""
+        for client in self.training_clients:
+            if client.client_id == client_id:
+                return client
+        raise KeyError(f"client {client_id} is not held here (clients: {[c.client_id for c in self.training_clients]})")
 
     def local_rows(self, round_index: int, client: ClientData, local_state,
                    state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -106,7 +118,7 @@ class Simulation:
                     rows.append(self._predict(predictor, split).row(
                         self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
                         model=name, data="client", split=split_name))
-        if self.algorithm.personalised:
+        if self.algorithm.personalised and self.pooled_local_rows:
             # FLamby's "Local i" rows: each local model on the pooled test set too.
             if self._pooled_test is None:
                 self._pooled_test = self.data.pooled("test")
@@ -115,31 +127,42 @@ class Simulation:
                 model="local", data="pooled", split="test"))
         return rows
 
-    def global_rows(self, round_index: int, global_state) -> list[dict[str, Any]]:
-        """The global model on every client's val and test splits, and on their union (pooled rows
-        reuse the per-client predictions: one forward pass per image)."""
+    def global_predictions(self, global_state) -> dict[int, dict[str, Predictions]]:
+        """The global model's predictions on every held client's non-empty val and test splits."""
         model = self.workspace.model
         model.load_state_dict(global_state)
-        rows = []
-        for split_name in ("val", "test"):
-            parts = []
-            for client in self.data.clients:
-                split = getattr(client, split_name)
-                if not len(split):
-                    continue
-                pred = self._predict(model, split)
-                parts.append(pred)
-                rows.append(pred.row(self.spec.num_classes, round=round_index, scope="server",
-                                     client=client.client_id, model="global", data="client", split=split_name))
-            if parts:
-                rows.append(Predictions.concat(parts).row(
-                    self.spec.num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
-                    client=None, model="global", data="pooled", split=split_name))
-        return rows
+        return {client.client_id: {name: self._predict(model, getattr(client, name))
+                                   for name in ("val", "test") if len(getattr(client, name))}
+                for client in self.data.clients}
+
+    def global_rows(self, round_index: int, global_state) -> list[dict[str, Any]]:
+        return global_rows(self.spec.num_classes, round_index, self.global_predictions(global_state))
 
     def _predict(self, model, split) -> Predictions:
         return predict(model, split, device=self.device, mean=self.spec.mean, std=self.spec.std,
                        batch_size=self.cfg.eval_batch_size)
+
+
+def global_rows(num_classes: int, round_index: int,
+                predictions: dict[int, dict[str, Predictions]]) -> list[dict[str, Any]]:
+    """Rows of the global model on every client's val and test splits, and on their union (pooled
+    rows reuse the per-client predictions: one forward pass per image). A Flower server builds the
+    same rows from the confusion matrices its nodes send."""
+    rows = []
+    for split_name in ("val", "test"):
+        parts = []
+        for client_id in sorted(predictions):
+            pred = predictions[client_id].get(split_name)
+            if pred is None:
+                continue
+            parts.append(pred)
+            rows.append(pred.row(num_classes, round=round_index, scope="server", client=client_id, model="global",
+                                 data="client", split=split_name))
+        if parts:
+            rows.append(Predictions.concat(parts).row(
+                num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
+                client=None, model="global", data="pooled", split=split_name))
+    return rows
 
 
 class _Normalize:
@@ -270,20 +293,34 @@ def _postfix(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
     return out
 
 
-def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state, client_states) -> dict[str, Any]:
-    """Final model(s), results.json and the report."""
-    meta = {"model": cfg.model, "method": cfg.method, "num_classes": sim.spec.num_classes,
-            "image_size": sim.spec.image_size, "class_names": sim.spec.class_names,
-            "mean": list(sim.spec.mean), "std": list(sim.spec.std)}
+def model_meta(cfg: RunConfig, spec: TaskSpec) -> dict[str, Any]:
+    """What a saved model file records next to its weights."""
+    return {"model": cfg.model, "method": cfg.method, "num_classes": spec.num_classes, "image_size": spec.image_size,
+            "class_names": spec.class_names, "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def client_model_payload(cfg: RunConfig, spec: TaskSpec, algorithm: Algorithm, client_id: int,
+                         state: dict[str, Any]) -> dict[str, Any] | None:
+    """A personalised client's saved model (its architecture, weights and the task facts), or None."""
+    local = algorithm.local_model_state(ClientReply(client_id, {}, {}), state)
+    if local is None:
+        return None
+    model = algorithm.client_architecture(client_id) if algorithm.heterogeneous else cfg.model
+    return {**model_meta(cfg, spec), "model": model, "client": client_id, "state_dict": local}
+
+
+def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
+           client_states: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Final model(s), results.json and the report. ``client_states`` None: the personalised models
+    are on the clients' own machines (Flower), not here."""
     if sim.algorithm.personalised:
         # Personalised models stay with their clients; in simulation the "client side" is this folder.
-        for k, state in enumerate(client_states):
-            local = sim.algorithm.local_model_state(ClientReply(k, {}, {}), state)
-            if local is not None:
-                torch.save({**meta, "model": sim.algorithm.client_architecture(k) if sim.algorithm.heterogeneous
-                            else cfg.model, "client": k, "state_dict": local}, run_dir.client_model_path(k))
+        for k, state in enumerate(client_states or []):
+            payload = client_model_payload(cfg, sim.spec, sim.algorithm, k, state)
+            if payload is not None:
+                torch.save(payload, run_dir.client_model_path(k))
     else:
-        torch.save({**meta, "state_dict": global_state}, run_dir.final_model_path)
+        torch.save({**model_meta(cfg, sim.spec), "state_dict": global_state}, run_dir.final_model_path)
     summary = summarize(run_dir.read_rows())
     run_dir.write_results(summary)
     write_report(run_dir)

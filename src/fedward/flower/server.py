@@ -1,0 +1,367 @@
+"""The server side of a Flower run: fedward's round loop over a Flower ``Grid``.
+
+Per run: a handshake with every client (each node says which client it is and what its data
+looks like; no image or label), then per round: broadcast the method's ``server_message``, collect
+replies within ``round-timeout``, log and leave out nodes that dropped (no reply, an error) or
+whose reply fails :func:`fedward.flower.checks.reply_problem`, aggregate the rest with the
+method's ``aggregate`` (in client-id order, as the simulation does) if at least ``min-clients``
+remain, evaluate the global model on the nodes, and write the round to the run directory. A node
+that comes back (a restarted SuperNode, a new node id) is greeted again and takes part from the
+next round on.
+
+The run directory is the simulation's: config.yaml, metrics.jsonl (plus ``scope:
+participation`` rows saying who took part), checkpoints, final_model.pt, results.json, report;
+and ``messages.jsonl``, an audit of every record each node sent, and ``flower.json`` (run key,
+task facts) for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedward.algorithms import Algorithm, ClientReply, TaskSpec, get_algorithm
+from fedward.algorithms.base import Arrays
+from fedward.config import RunConfig
+from fedward.engine import checkpoint as ckpt
+from fedward.engine.evaluation import Predictions
+from fedward.engine.setup import initial_global_state, model_builder, notice
+from fedward.engine.simulation import _aggregation_row, evaluation_round, finish, global_rows
+from fedward.errors import ConfigError, FedwardError
+from fedward.flower.checks import reply_problem
+from fedward.flower.records import (
+    ARRAYS, CONFIG, decode_facts, decode_reply, decode_report, encode_server_message, spec_to_json, summary_of,
+    to_array_record,
+)
+from fedward.tracking import RunDirectory
+from fedward.tracking.rundir import atomic_write_text
+
+FLOWER_FILE = "flower.json"
+AUDIT_FILE = "messages.jsonl"
+# Facts every node must agree on (a node that disagrees is refused, with the difference logged).
+SHARED_FACTS = ("data-set", "num-classes", "class-names", "image-size", "mean", "std")
+
+
+@dataclass
+class ServerSettings:
+    """The Flower run config of a fedward run (``[tool.flwr.app.config]`` of the app)."""
+
+    run_dir: str
+    resume: bool = False
+    min_clients: int = 0  # 0: every client must reply in every round
+    round_timeout: float = 600.0  # seconds a round waits for replies
+    join_timeout: float = 300.0  # seconds to wait for the clients to connect
+    poll_interval: float = 0.2  # seconds between pulls of replies
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any], cfg: RunConfig) -> "ServerSettings":
+        settings = cls(run_dir=str(run_config.get("run-dir") or cfg.output or ""),
+                       resume=bool(run_config.get("resume", False)),
+                       min_clients=int(run_config.get("min-clients", 0)),
+                       round_timeout=float(run_config.get("round-timeout", 600.0)),
+                       join_timeout=float(run_config.get("join-timeout", 300.0)))
+        if not settings.run_dir:
+            raise ConfigError("no run directory: set `output` in the fedward config or run-dir in the run config")
+        if settings.min_clients < 0 or settings.round_timeout <= 0 or settings.join_timeout <= 0:
+            raise ConfigError(f"min-clients must be >= 0 and the timeouts > 0, got {asdict(settings)}")
+        return settings
+
+
+@dataclass
+class Participant:
+    node_id: int
+    client_id: int
+    facts: dict[str, Any] = field(repr=False)
+
+
+def read_config(run_config: dict[str, Any]) -> RunConfig:
+    from fedward.config import build_config
+
+    text = str(run_config.get("fedward-config") or "")
+    if not text:
+        raise ConfigError("this Flower run has no fedward-config; start it with `fedward flower run --config FILE`")
+    return build_config(json.loads(text))
+
+
+class Coordinator:
+    """Runs one fedward method over the nodes a Flower ``Grid`` reaches."""
+
+    def __init__(self, grid, cfg: RunConfig, settings: ServerSettings, log: Callable[[str], None] = notice):
+        if cfg.method == "centralized":
+            raise ConfigError("--method centralized pools every hospital's data on one machine: it has no Flower deployment")
+        self.grid, self.cfg, self.settings, self.log = grid, cfg, settings, log
+        self.by_node: dict[int, Participant] = {}
+        self.refused: dict[int, float] = {}  # node id -> when its handshake failed (retried after join_timeout)
+        self.reference_facts: dict[str, Any] | None = None
+        self.num_clients: int | None = cfg.client_number
+        self.spec: TaskSpec | None = None
+        self.algorithm: Algorithm | None = None
+        self.run_key = ""
+        self.run_dir: RunDirectory | None = None
+
+    # -- messaging --------------------------------------------------------------------------
+    def exchange(self, contents: dict[int, RecordDict], message_type: str, group: str,
+                 timeout: float) -> dict[int, Message | str]:
+        """Send one message per node; each node's reply, or why there is none."""
+        node_ids = list(contents)
+        messages = [Message(contents[n], n, message_type, ttl=timeout, group_id=group) for n in node_ids]
+        message_ids = list(self.grid.push_messages(messages))
+        answers: dict[int, Message | str] = {}
+        pending: dict[str, int] = {}
+        for message_id, node_id in zip(message_ids, node_ids):
+            if message_id:
+                pending[message_id] = node_id
+            else:
+                answers[node_id] = "the SuperLink refused the message (node no longer registered)"
+        deadline = time.monotonic() + timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                node_id = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node_id is not None:
+                    answers[node_id] = reply
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.settings.poll_interval)
+        for node_id in pending.values():
+            answers[node_id] = f"no reply within {timeout:g} s"
+        return answers
+
+    @staticmethod
+    def failure(answer: Message | str) -> str | None:
+        if isinstance(answer, str):
+            return answer
+        if answer.has_error():
+            return f"error on the node: {answer.error.reason}"
+        return None
+
+    def audit(self, round_index: int, kind: str, participant: Participant, content: RecordDict) -> None:
+        line = {"round": round_index, "type": kind, "client": participant.client_id, "node": participant.node_id,
+                "records": summary_of(content)}
+        with open(self.run_dir.path / AUDIT_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    # -- membership -------------------------------------------------------------------------
+    def clients(self) -> dict[int, Participant]:
+        return {p.client_id: p for p in self.by_node.values()}
+
+    def refresh(self) -> None:
+        """Forget nodes the SuperLink no longer lists; greet new ones."""
+        online = set(self.grid.get_node_ids())
+        for node_id in [n for n in self.by_node if n not in online]:
+            gone = self.by_node.pop(node_id)
+            self.log(f"client {gone.client_id} (node {node_id}) left the federation")
+        now = time.monotonic()
+        new = [n for n in sorted(online) if n not in self.by_node
+               and now - self.refused.get(n, -1e18) > self.settings.join_timeout]
+        if new:
+            self.handshake(new)
+
+    def handshake(self, node_ids: list[int]) -> None:
+        answers = self.exchange({n: RecordDict() for n in node_ids}, "query", "handshake", self.settings.round_timeout)
+        for node_id in node_ids:
+            answer = answers[node_id]
+            reason = self.failure(answer)
+            facts: dict[str, Any] = {}
+            if reason is None:
+                facts = decode_facts(answer.content)
+                reason = self.facts_problem(facts)
+            if reason is not None:
+                self.refused[node_id] = time.monotonic()
+                self.log(f"node {node_id} refused: {reason}")
+                continue
+            client_id = int(facts["client-id"])
+            previous = self.clients().get(client_id)
+            if previous is not None:
+                del self.by_node[previous.node_id]
+                self.log(f"client {client_id} is now node {node_id} (was node {previous.node_id})")
+            self.by_node[node_id] = Participant(node_id, client_id, facts)
+            self.refused.pop(node_id, None)
+            self.log(f"client {client_id} ({facts['client-name']}) joined as node {node_id}")
+
+    def facts_problem(self, facts: dict[str, Any]) -> str | None:
+        if self.reference_facts is None:
+            self.reference_facts = facts
+        for key in SHARED_FACTS:
+            if facts.get(key) != self.reference_facts.get(key):
+                return (f"its {key} is {facts.get(key)!r} but the federation's is {self.reference_facts.get(key)!r} "
+                        "(every hospital must have the same classes and run the same settings)")
+        if self.num_clients is None:
+            in_data = facts.get("clients-in-data") or 0
+            if in_data < 2:
+                raise ConfigError("the nodes hold one hospital each, so the server cannot tell how many hospitals "
+                                  "take part: set client_number in the fedward config")
+            self.num_clients = int(in_data)
+        client_id = int(facts["client-id"])
+        if not 0 <= client_id < self.num_clients:
+            return f"client-id {client_id} is outside 0..{self.num_clients - 1} (the federation has {self.num_clients} clients)"
+        if self.spec is not None:
+            counts = self.spec.train_class_counts[client_id]
+            if counts is not None and list(facts["train-class-counts"]) != list(counts):
+                return (f"client {client_id}'s training data changed since the run started "
+                        f"(class counts {facts['train-class-counts']}, were {counts})")
+        return None
+
+    def wait_for(self, count: Callable[[], int], needed: Callable[[], int], what: str) -> None:
+        deadline = time.monotonic() + self.settings.join_timeout
+        while True:
+            self.refresh()
+            if self.num_clients is not None and count() >= needed():
+                return
+            if time.monotonic() >= deadline:
+                have = sorted(self.clients())
+                raise FedwardError(f"{what}: after {self.settings.join_timeout:g} s only clients {have} are connected "
+                                   f"(need {needed() if self.num_clients is not None else 'all'} of "
+                                   f"{self.num_clients or '?'}); start the missing SuperNodes or raise join-timeout")
+            time.sleep(1.0)
+
+    @property
+    def min_clients(self) -> int:
+        return self.settings.min_clients or self.num_clients
+
+    # -- the run ----------------------------------------------------------------------------
+    def open_run(self) -> tuple[int, Arrays]:
+        """Handshake, task facts, method, run directory; the round to start after and its state."""
+        cfg, path = self.cfg, Path(self.settings.run_dir)
+        saved: dict[str, Any] | None = None
+        if self.settings.resume:
+            self.run_dir = RunDirectory.open_existing(path)
+            saved = json.loads((path / FLOWER_FILE).read_text())
+            self.num_clients = saved["num_clients"]
+            self.reference_facts = saved["reference_facts"]
+            self.spec = TaskSpec(**saved["spec"])
+            self.wait_for(lambda: len(self.clients()), lambda: self.min_clients, "resuming")
+        else:
+            self.wait_for(lambda: len(self.clients()), lambda: self.num_clients, "handshake")
+            facts = {k: p.facts for k, p in self.clients().items()}
+            counts = [facts[k]["train-class-counts"] for k in range(self.num_clients)]
+            ref = self.reference_facts
+            self.spec = TaskSpec(num_classes=ref["num-classes"], image_size=ref["image-size"],
+                                 class_names=list(ref["class-names"]), mean=tuple(ref["mean"]), std=tuple(ref["std"]),
+                                 train_class_counts=counts, global_class_counts=[sum(c) for c in zip(*counts)])
+        if self.settings.min_clients > self.num_clients:
+            raise ConfigError(f"min-clients {self.settings.min_clients} is more than the {self.num_clients} clients")
+        build = model_builder(cfg, self.spec)
+        self.algorithm = get_algorithm(cfg.method)(cfg, self.spec, build)
+        if saved is not None:
+            self.run_key = saved["run_key"]
+            checkpoint = ckpt.load(self.run_dir, expected_num_classes=self.spec.num_classes)
+            self.run_dir.truncate_rounds_after(checkpoint["round"])
+            self.log(f"resuming {path} after round {checkpoint['round']} of {cfg.comm_round}")
+            return checkpoint["round"], checkpoint["global_state"]
+        global_state, notices = initial_global_state(cfg, build)
+        for line in notices:
+            self.log(line)
+        from fedward import __version__
+
+        self.run_dir = RunDirectory.create(path)
+        self.run_key = f"{path.name}-{secrets.token_hex(4)}"
+        names = [self.clients()[k].facts["client-name"] for k in range(self.num_clients)]
+        self.run_dir.write_config({**cfg.to_dict(), "output": str(path), "class_names": self.spec.class_names,
+                                   "client_names": names, "fedward_version": __version__})
+        atomic_write_text(path / FLOWER_FILE, json.dumps({
+            "run_key": self.run_key, "num_clients": self.num_clients, "reference_facts": self.reference_facts,
+            "spec": asdict(self.spec)}, indent=1))
+        return 0, global_state
+
+    def participants(self, round_index: int) -> list[Participant]:
+        self.wait_for(lambda: len(self.clients()), lambda: self.min_clients, f"round {round_index}")
+        return sorted(self.clients().values(), key=lambda p: p.client_id)
+
+    def train_round(self, round_index: int, global_state: Arrays, evaluate_local: bool) -> tuple[Arrays, list[dict]]:
+        algorithm = self.algorithm
+        participants = self.participants(round_index)
+        message = algorithm.server_message(round_index, global_state)
+        content = encode_server_message(message, {"spec": spec_to_json(self.spec), "run-key": self.run_key,
+                                                  "evaluate-local": evaluate_local})
+        answers = self.exchange({p.node_id: content for p in participants}, "train", f"round-{round_index}",
+                                self.settings.round_timeout)
+        accepted: list[tuple[ClientReply, list[dict]]] = []
+        rows: list[dict[str, Any]] = []
+        for p in participants:
+            answer = answers[p.node_id]
+            status, reason = "dropped", self.failure(answer)
+            if reason is None:
+                status = "rejected"
+                self.audit(round_index, "train", p, answer.content)
+                try:
+                    reply, report = decode_reply(answer.content)
+                except (KeyError, TypeError, ValueError) as err:
+                    reason = f"malformed reply ({type(err).__name__}: {err})"
+                else:
+                    if reply.client_id != p.client_id:
+                        reason = f"the reply names client {reply.client_id}"
+                    else:
+                        reason = reply_problem(algorithm, reply, global_state)
+                    if reason is None:
+                        status = "ok"
+                        accepted.append((reply, report or []))
+            rows.append({"round": round_index, "scope": "participation", "client": p.client_id, "node": p.node_id,
+                         "status": status, **({"reason": reason} if reason else {})})
+            if reason:
+                self.log(f"round {round_index}: client {p.client_id} (node {p.node_id}) {status}: {reason}")
+                if status == "dropped" and isinstance(answer, str):
+                    self.by_node.pop(p.node_id, None)  # greeted again if it comes back
+        if len(accepted) < self.min_clients:
+            raise FedwardError(f"round {round_index}: {len(accepted)} usable replies, fewer than the minimum "
+                               f"{self.min_clients}; resume after round {round_index - 1} with "
+                               f"`fedward flower run --resume {self.run_dir.path}` once the nodes are back")
+        accepted.sort(key=lambda item: item[0].client_id)  # the simulation's order, whoever answered first
+        replies = [reply for reply, _ in accepted]
+        global_state, info = algorithm.aggregate(round_index, global_state, replies)
+        for _, report in accepted:
+            rows.extend(report)
+        if "weights" in info:
+            rows.append(_aggregation_row(round_index, replies, info))
+        return global_state, rows
+
+    def evaluate_round(self, round_index: int, global_state: Arrays) -> list[dict[str, Any]]:
+        """The global model on every reachable client's val and test splits, from their confusion matrices."""
+        participants = sorted(self.clients().values(), key=lambda p: p.client_id)
+        content = RecordDict({ARRAYS: to_array_record(global_state),
+                              CONFIG: ConfigRecord({"round": round_index, "spec": spec_to_json(self.spec),
+                                                    "run-key": self.run_key})})
+        answers = self.exchange({p.node_id: content for p in participants}, "evaluate", f"round-{round_index}",
+                                self.settings.round_timeout)
+        predictions: dict[int, dict[str, Predictions]] = {}
+        for p in participants:
+            reason = self.failure(answers[p.node_id])
+            if reason is None:
+                self.audit(round_index, "evaluate", p, answers[p.node_id].content)
+                try:
+                    predictions[p.client_id] = {part["split"]: Predictions.from_confusion(part["confusion"], part["loss_sum"])
+                                                for part in decode_report(answers[p.node_id].content)}
+                except (KeyError, TypeError, ValueError) as err:
+                    reason = f"malformed evaluation ({type(err).__name__}: {err})"
+            if reason is not None:
+                self.log(f"round {round_index}: client {p.client_id} (node {p.node_id}) left out of the evaluation: {reason}")
+        return global_rows(self.spec.num_classes, round_index, predictions)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start_round, global_state = self.open_run()
+        evaluate_local = cfg.validate_client or self.algorithm.personalised
+        saver = ckpt.BackgroundSaver()
+        try:
+            for round_index in range(start_round + 1, cfg.comm_round + 1):
+                t0 = time.perf_counter()
+                evaluate_now = evaluation_round(cfg, round_index)
+                global_state, rows = self.train_round(round_index, global_state, evaluate_local and evaluate_now)
+                if not self.algorithm.personalised and evaluate_now:
+                    rows.extend(self.evaluate_round(round_index, global_state))
+                self.run_dir.log_rows(rows)
+                if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
+                    saver.submit(self.run_dir, round=round_index, global_state=global_state, client_states=[],
+                                 server_state={}, num_classes=self.spec.num_classes)
+                took = sum(1 for r in rows if r.get("scope") == "participation" and r["status"] == "ok")
+                self.log(f"round {round_index}/{cfg.comm_round}: {took} of {self.num_clients} clients aggregated "
+                         f"({time.perf_counter() - t0:.1f} s)")
+        finally:
+            saver.wait()
+        # Personalised models stay on their nodes (<state-dir>/<run-key>/client-<k>/final_model.pt).
+        return finish(cfg, self.run_dir, self, global_state, None)
