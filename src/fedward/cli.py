@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -24,6 +25,11 @@ def _add_run_parser(subparsers) -> None:
                                 description="Train a method on a federated data set and write a run directory.")
     run.add_argument("--config", help="YAML file of run settings (flags override it)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    _add_config_flags(run)
+
+
+def _add_config_flags(parser) -> None:
+    """One flag per RunConfig field (the reference's flag names), as `fedward run` takes them."""
     helps = config_help()
     defaults = RunConfig()
     for name in FIELD_NAMES:
@@ -31,11 +37,65 @@ def _add_run_parser(subparsers) -> None:
         text = f"{helps.get(name, '')} (default: {default})"
         if name in BOOL_FIELDS:
             # `--adam` alone means true (as in the reference); `--adam false` is accepted too.
-            run.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL", help=text)
+            parser.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL", help=text)
         elif name == "pre_trained_tv":
-            run.add_argument("--pre_trained_tv", nargs="?", const="default", metavar="PATH", help=text)
+            parser.add_argument("--pre_trained_tv", nargs="?", const="default", metavar="PATH", help=text)
         else:
-            run.add_argument(f"--{name}", metavar=name.upper(), help=text)
+            parser.add_argument(f"--{name}", metavar=name.upper(), help=text)
+
+
+def _add_flower_parser(subparsers) -> None:
+    from fedward.flower.launch import DEFAULT_NODE_PORT, DEFAULT_PORT
+
+    flower = subparsers.add_parser("flower", help="run methods across machines on Flower (SuperLink + SuperNodes)",
+                                   description="A real deployment: one SuperLink (server), one SuperNode per hospital.")
+    actions = flower.add_subparsers(dest="flower_command", required=True)
+    link = actions.add_parser("superlink", help="start the server (Flower SuperLink)")
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, all interfaces)")
+    link.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port for nodes and runs (default: {DEFAULT_PORT})")
+    link.add_argument("--certs", metavar="DIR", help="folder with ca.crt, server.pem, server.key (`fedward flower certs`)")
+    link.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
+    link.add_argument("--database", metavar="FILE", help="SQLite file for the SuperLink's state (default: in memory)")
+    link.add_argument("--simulation", action="store_true", help="run ClientApps in Flower's simulation runtime (Ray) instead of on SuperNodes")
+
+    node = actions.add_parser("supernode", help="start a hospital's node (Flower SuperNode)")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    node.add_argument("--client-id", type=int, required=True, help="this hospital's index in the federation (0..K-1)")
+    node.add_argument("--data", metavar="DIR", help="this hospital's data (default: the run's data_dir; none for synthetic data)")
+    node.add_argument("--state-dir", metavar="DIR", help="where this client's state and personalised model are kept "
+                                                         "(default: $FEDWARD_CACHE/flower-nodes)")
+    node.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    node.add_argument("--prior-path", metavar="FILE", help="Fed-MAS prior checkpoint on this machine")
+    node.add_argument("--port", type=int, default=DEFAULT_NODE_PORT,
+                      help=f"local ClientApp port; nodes on one machine need distinct ones (default: {DEFAULT_NODE_PORT})")
+    node.add_argument("--ca-cert", metavar="FILE", help="CA certificate that signed the SuperLink's (ca.crt)")
+    node.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
+
+    run = actions.add_parser("run", help="submit a run to a SuperLink and stream its log",
+                             argument_default=argparse.SUPPRESS,
+                             description="Submit a fedward run (the same settings as `fedward run`) to a SuperLink. "
+                                         "The run directory is written on the SuperLink's machine.")
+    run.add_argument("--config", help="YAML file of run settings (flags override it)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory from its last checkpoint")
+    run.add_argument("--superlink", metavar="HOST:PORT", help=f"the SuperLink (default: 127.0.0.1:{DEFAULT_PORT})")
+    run.add_argument("--ca-cert", metavar="FILE", help="CA certificate that signed the SuperLink's")
+    run.add_argument("--insecure", action="store_true", help="no TLS")
+    run.add_argument("--simulation", type=int, metavar="N", help="instead: Flower's simulation runtime (Ray) with N "
+                                                                 "virtual nodes on this machine")
+    run.add_argument("--min-clients", type=int, help="fewest usable replies a round may aggregate (default: all clients)")
+    run.add_argument("--round-timeout", type=float, help="seconds a round waits for replies (default: 600)")
+    run.add_argument("--join-timeout", type=float, help="seconds to wait for the clients to connect (default: 300)")
+    run.add_argument("--drill-bad-reply", metavar="CLIENT:ROUND:KIND", help="fire drill: that client sends a "
+                                                                            "nan, inf or shape-broken reply in that round")
+    _add_config_flags(run)
+
+    certs = actions.add_parser("certs", help="write a development CA and server certificate")
+    certs.add_argument("folder", metavar="DIR")
+    certs.add_argument("--host", action="append", default=[], help="server host name or IP (repeatable; localhost always)")
+    certs.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+
+    app = actions.add_parser("app", help="write the Flower App folder (for plain `flwr run`)")
+    app.add_argument("folder", metavar="DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
     _add_prior_parser(subparsers)
+    _add_flower_parser(subparsers)
     data = subparsers.add_parser("data", help="download, check or prepare a data folder")
     data_actions = data.add_subparsers(dest="data_command", required=True)
     check = data_actions.add_parser("check", help="report clients, classes and counts of a data folder, without training",
@@ -147,6 +208,71 @@ def command_run(args: argparse.Namespace) -> int:
         return 130
     print_summary(summary, run_dir)
     return 0
+
+
+def command_flower(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedward.flower import require_flwr
+    from fedward.flower import launch
+
+    action = args.flower_command
+    if action == "certs":
+        from fedward.flower.tls import generate_certificates
+
+        paths = generate_certificates(args.folder, args.host, days=args.days)
+        print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+        return 0
+    if action == "app":
+        from fedward.flower.app import write_app
+
+        print(f"Flower App written: {write_app(args.folder)} (run it with `flwr run {args.folder} <connection>`)")
+        return 0
+    require_flwr()
+    if action == "superlink":
+        launch.exec_command(launch.superlink_command(host=args.host, port=args.port, certs=args.certs,
+                                                     insecure=args.insecure, database=args.database,
+                                                     simulation=args.simulation), launch.flower_env())
+    if action == "supernode":
+        state_dir = args.state_dir
+        from fedward.flower.node import default_state_dir
+
+        home = Path(state_dir or default_state_dir()) / "flower-home" / f"client-{args.client_id}"
+        env = launch.flower_env(None if "FLWR_HOME" in os.environ else home)
+        launch.exec_command(launch.supernode_command(
+            superlink=args.superlink, client_id=args.client_id, data=args.data, state_dir=state_dir, port=args.port,
+            ca_cert=args.ca_cert, insecure=args.insecure, device=args.device, prior_path=args.prior_path), env)
+    # run
+    flags = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    resume = getattr(args, "resume", None)
+    if resume:
+        from fedward.tracking import RunDirectory
+
+        if flags or getattr(args, "config", None):
+            raise ConfigError("--resume continues the saved config of the run; drop the other run settings")
+        run_dir = RunDirectory.open_existing(resume).path.resolve()
+        cfg = build_config({k: v for k, v in RunDirectory.open_existing(resume).read_config().items() if k in FIELD_NAMES})
+    else:
+        values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+        values.update(flags)
+        cfg = build_config(values)
+        if not cfg.output:
+            import time
+
+            cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-flower-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(cfg.output).resolve()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {run_dir} exists and is not empty; choose another --output or --resume it")
+    overrides = launch.run_config_overrides(
+        cfg, run_dir=run_dir, resume=bool(resume), min_clients=getattr(args, "min_clients", 0) or 0,
+        round_timeout=getattr(args, "round_timeout", 600.0), join_timeout=getattr(args, "join_timeout", 300.0),
+        drill_bad_reply=getattr(args, "drill_bad_reply", "") or "")
+    simulation = getattr(args, "simulation", 0) or 0
+    insecure = getattr(args, "insecure", False)
+    ca_cert = getattr(args, "ca_cert", None)
+    superlink = getattr(args, "superlink", None) or f"127.0.0.1:{launch.DEFAULT_PORT}"
+    print(f"fedward: run directory (on the SuperLink's machine): {run_dir}", file=sys.stderr)
+    return launch.submit(overrides, superlink=superlink, ca_cert=ca_cert, insecure=insecure, simulation=simulation)
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -268,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             _reject_dead_flags(unknown)
         handler = {"run": command_run, "report": command_report, "models": command_models,
-                   "prior": command_prior, "data": command_data}[args.command]
+                   "prior": command_prior, "data": command_data, "flower": command_flower}[args.command]
         return handler(args)
     except FedwardError as err:
         print(f"fedward: error: {err}", file=sys.stderr)

@@ -1,0 +1,467 @@
+"""fedward on Flower, in one process: records, reply checks, node state, launch commands and the
+server round loop over a loopback grid that hands each message to the real ClientApp.
+
+The multi-process deployment on 127.0.0.1 (SuperLink + SuperNodes, TLS, Flower's simulation
+runtime) is in test_flower_deploy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedward.algorithms import get_algorithm  # noqa: E402
+from fedward.algorithms.base import ClientReply, ServerMessage, TaskSpec  # noqa: E402
+from fedward.config import build_config  # noqa: E402
+from fedward.engine.evaluation import Predictions  # noqa: E402
+from fedward.engine.simulation import prepare, run  # noqa: E402
+from fedward.errors import ConfigError, FedwardError  # noqa: E402
+from fedward.flower import app as flower_app  # noqa: E402
+from fedward.flower import launch  # noqa: E402
+from fedward.flower.checks import reply_problem  # noqa: E402
+from fedward.flower.client_app import app as client_app, apply_drill  # noqa: E402
+from fedward.flower.node import NodeSettings, NodeStateStore, load_node_data  # noqa: E402
+from fedward.flower.records import (  # noqa: E402
+    decode_reply, decode_server_message, encode_reply, encode_server_message, spec_from_json, spec_to_json,
+)
+from fedward.flower.server import Coordinator, ServerSettings  # noqa: E402
+from fedward.flower.tls import generate_certificates  # noqa: E402
+from fedward.tracking import RunDirectory  # noqa: E402
+
+SPEC = TaskSpec(num_classes=2, image_size=8, class_names=["a", "b"], mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
+                train_class_counts=[[3, 1], [2, 2]], global_class_counts=[5, 3])
+
+
+# -- records -------------------------------------------------------------------------------------
+def test_server_message_and_reply_round_trip_bit_for_bit():
+    arrays = {"w": torch.randn(3, 2), "bn.num_batches_tracked": torch.tensor(7), "empty": torch.zeros(0)}
+    content = encode_server_message(ServerMessage(4, arrays, {"total-rounds": 9}), {"run-key": "r1", "evaluate-local": True})
+    message, extra = decode_server_message(content)
+    assert message.round == 4 and message.config == {"total-rounds": 9} and extra == {"run-key": "r1", "evaluate-local": True}
+    assert message.arrays.keys() == arrays.keys()
+    for name in arrays:
+        assert message.arrays[name].dtype == arrays[name].dtype and torch.equal(message.arrays[name], arrays[name])
+
+    reply, report = decode_reply(encode_reply(ClientReply(2, arrays, {"num-examples": 32, "train-loss": 0.5}), [{"round": 4}]))
+    assert reply.client_id == 2 and reply.metrics == {"num-examples": 32.0, "train-loss": 0.5} and report == [{"round": 4}]
+    assert all(torch.equal(reply.arrays[n], arrays[n]) for n in arrays)
+
+
+def test_a_node_learns_only_the_global_counts_and_its_own():
+    text = spec_to_json(SPEC)
+    assert "[3, 1]" not in text and "[2, 2]" not in text  # no client's own counts travel to the others
+    spec = spec_from_json(text, 1, [2, 2])
+    assert spec.train_class_counts == [None, [2, 2]] and spec.global_class_counts == [5, 3]
+    assert (spec.num_classes, spec.class_names, spec.mean) == (2, ["a", "b"], (0.5, 0.5, 0.5))
+
+
+# -- reply checks ---------------------------------------------------------------------------------
+def fedavg_algorithm():
+    cfg = build_config({"method": "fedavg", "model": "smallcnn", "image_size": 8})
+    return get_algorithm("fedavg")(cfg, SPEC, lambda: None)
+
+
+GLOBAL = {"w": torch.zeros(2, 3), "b": torch.zeros(2), "steps": torch.tensor(0)}
+
+
+def reply_with(**changes):
+    arrays = {"w": torch.ones(2, 3), "b": torch.ones(2), "steps": torch.tensor(5)}
+    metrics = {"num-examples": 16.0}
+    metrics.update(changes.pop("metrics", {}))
+    arrays.update(changes)
+    return ClientReply(0, arrays, metrics)
+
+
+def test_sound_reply_passes():
+    assert reply_problem(fedavg_algorithm(), reply_with(), GLOBAL) is None
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"w": torch.tensor([[1.0, math.nan, 1.0], [1.0, 1.0, math.inf]])}, "array 'w' holds 2 non-finite value(s) (NaN or Inf)"),
+    ({"b": torch.tensor([1.0, -math.inf])}, "array 'b' holds 1 non-finite value(s)"),
+    ({"w": torch.ones(3, 2)}, "array 'w' has shape (3, 2), the global model's has (2, 3)"),
+    ({"b": torch.ones(2, dtype=torch.float64)}, "array 'b' has dtype torch.float64"),
+    ({"images": torch.ones(4, 3, 8, 8)}, "undeclared array(s) ['images']"),
+    ({"metrics": {"train-loss": math.nan}}, "metric 'train-loss' is nan"),
+    ({"metrics": {"num-examples": 0.0}}, "metric 'num-examples' is 0.0, expected > 0"),
+])
+def test_bad_replies_are_named(changes, expected):
+    assert expected in reply_problem(fedavg_algorithm(), reply_with(**changes), GLOBAL)
+
+
+def test_fedkd_factors_are_checked_after_multiplying_out():
+    cfg = build_config({"method": "fedkd", "model": "smallcnn", "image_size": 8})
+    algorithm = get_algorithm("fedkd")(cfg, SPEC, lambda: None)
+    global_state = {"w": torch.zeros(4, 6)}
+    good = ClientReply(0, {"w::svd_u": torch.ones(4, 1), "w::svd_v": torch.ones(1, 6)}, {"num-examples": 3.0})
+    assert reply_problem(algorithm, good, global_state) is None
+    bad = ClientReply(0, {"w::svd_u": torch.ones(4, 1), "w::svd_v": torch.ones(1, 5)}, {"num-examples": 3.0})
+    assert "do not form the global model" in reply_problem(algorithm, bad, global_state)
+
+
+def test_drills_break_only_their_target():
+    reply = ClientReply(1, {"n": torch.tensor(3), "w": torch.ones(2, 2)}, {"num-examples": 4.0})
+    assert apply_drill("1:2:nan", reply, 3) is reply and apply_drill("0:2:nan", reply, 2) is reply
+    assert torch.isnan(apply_drill("1:2:nan", reply, 2).arrays["w"]).sum() == 1
+    assert torch.isinf(apply_drill("1:2:inf", reply, 2).arrays["w"]).sum() == 1
+    assert apply_drill("1:2:shape", reply, 2).arrays["w"].shape == (3,)
+    assert torch.equal(reply.arrays["w"], torch.ones(2, 2))  # the original is untouched
+    with pytest.raises(ConfigError, match="KIND must be one of"):
+        apply_drill("1:2:zero", reply, 2)
+
+
+# -- evaluation from confusion matrices -------------------------------------------------------------
+def test_rows_from_a_confusion_matrix_equal_the_rows_of_the_predictions():
+    labels = np.array([0, 0, 1, 2, 2, 2, 1, 0])
+    preds = np.array([0, 1, 1, 2, 0, 2, 1, 0])
+    original = Predictions(labels, preds, 3.25)
+    rebuilt = Predictions.from_confusion(original.confusion(4), 3.25)
+    assert original.confusion(4).tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    assert rebuilt.row(4, with_confusion=True, round=1) == original.row(4, with_confusion=True, round=1)
+    with pytest.raises(ValueError, match="square table"):
+        Predictions.from_confusion([[1, 2]], 0.0)
+
+
+# -- node state ------------------------------------------------------------------------------------
+def test_state_store_keeps_the_last_rounds_and_loads_the_one_before(tmp_path):
+    store = NodeStateStore(tmp_path, "run-1", 2, keep=2)
+    assert store.load_before(1) == {}
+    for r in (1, 2, 3):
+        store.save(r, {"round": r, "m": torch.full((2,), float(r))})
+    assert store.rounds() == [2, 3]
+    assert store.load_before(3)["round"] == 2 and store.load_before(9)["round"] == 3
+    assert store.folder == tmp_path / "run-1" / "client-2"
+    (store.folder / "round-3.pt").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="round-3.pt cannot be read"):
+        store.load_before(4)
+    with pytest.raises(ConfigError, match="run key"):
+        NodeStateStore(tmp_path, "../escape", 0)
+
+
+def test_node_settings_name_what_is_wrong():
+    with pytest.raises(ConfigError, match="no client-id"):
+        NodeSettings.from_node_config({"data-dir": "/x"})
+    with pytest.raises(ConfigError, match="client-id='two' is not an integer"):
+        NodeSettings.from_node_config({"client-id": "two"})
+    settings = NodeSettings.from_node_config({"partition-id": 2, "num-partitions": 3})  # Flower's simulation runtime
+    assert settings.client_id == 2 and settings.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_node_holds_only_its_own_client(tiny_values, tmp_path):
+    from test_folders import make_tree
+
+    cfg = build_config({**tiny_values, "client_number": 3, "partition_method": "iid"})
+    settings = NodeSettings(1, None, tmp_path, "cpu", None)
+    data = load_node_data(cfg, settings)
+    assert [c.client_id for c in data.clients] == [1] and data.info["num_clients_loaded"] == 3
+    with pytest.raises(ConfigError, match="client-id 5: the synthetic data .* holds 3 clients"):
+        load_node_data(cfg, NodeSettings(5, None, tmp_path, "cpu", None))
+    # a hospital's own folder: one client, which becomes client-id 4 of the federation
+    root = make_tree(tmp_path / "hospital", {"beta": {"train": {"benign": 2, "malignant": 2}, "test": {"benign": 1, "malignant": 1}}})
+    folders_cfg = build_config({**tiny_values, "dataset": "folders", "data_dir": str(root), "image_size": 8})
+    data = load_node_data(folders_cfg, NodeSettings(4, str(root), tmp_path, "cpu", None))
+    assert [(c.client_id, c.name) for c in data.clients] == [(4, "beta")]
+
+
+# -- launch commands, app, certificates ------------------------------------------------------------
+def test_commands_carry_tls_or_insecure_never_both(tmp_path):
+    node = launch.supernode_command(superlink="10.0.0.1:9093", client_id=1, data=str(tmp_path), state_dir=str(tmp_path / "s"),
+                                    port=9401, ca_cert=None, insecure=True)
+    assert node[node.index("--superlink") + 1] == "10.0.0.1:9093" and "--insecure" in node
+    config = node[node.index("--node-config") + 1]
+    assert config == f"client-id=1 data-dir='{tmp_path.resolve()}' state-dir='{(tmp_path / 's').resolve()}'"
+    with pytest.raises(ConfigError, match="either --insecure .* or --ca-cert"):
+        launch.supernode_command(superlink="h:1", client_id=0, data=None, state_dir=None, port=1, ca_cert=None, insecure=False)
+    with pytest.raises(ConfigError, match="--data .* does not exist"):
+        launch.supernode_command(superlink="h:1", client_id=0, data=str(tmp_path / "nope"), state_dir=None, port=1,
+                                 ca_cert=None, insecure=True)
+    paths = generate_certificates(tmp_path / "certs")
+    link = launch.superlink_command(host="0.0.0.0", port=9093, certs=str(tmp_path / "certs"), insecure=False, database=None)
+    assert link[link.index("--ssl-certfile") + 1] == str(paths["server.pem"]) and "--insecure" not in link
+    assert "--disable-runtime-dependency-installation" in link
+    paths["server.key"].unlink()
+    with pytest.raises(ConfigError, match="server.key is missing"):
+        launch.superlink_command(host="0.0.0.0", port=9093, certs=str(tmp_path / "certs"), insecure=False, database=None)
+
+
+def test_certificates_chain_to_the_ca_and_name_the_hosts(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+
+    paths = generate_certificates(tmp_path, ["hospital-server.example.org", "10.1.2.3"])
+    ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the signature does not verify
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["hospital-server.example.org", "localhost"]
+    assert ipaddress.ip_address("10.1.2.3") in names.get_values_for_type(x509.IPAddress)
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    assert oct(paths["server.key"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_app_points_at_fedwards_apps_and_declares_every_override(tmp_path, tiny_values):
+    folder = flower_app.write_app(tmp_path / "app")
+    project = tomllib.loads((folder / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedward.flower.server_app:app",
+                                                          "clientapp": "fedward.flower.client_app:app"}
+    assert project["tool"]["flwr"]["app"]["config"] == flower_app.RUN_CONFIG_DEFAULTS
+    overrides = launch.run_config_overrides(build_config(tiny_values), run_dir=tmp_path / "r", resume=False, min_clients=2,
+                                            round_timeout=30, join_timeout=20)
+    assert set(overrides) == set(flower_app.RUN_CONFIG_DEFAULTS)  # Flower rejects keys the app does not declare
+    assert json.loads(overrides["fedward-config"])["output"] == str(tmp_path / "r")
+
+
+# -- the round loop over a loopback grid -------------------------------------------------------------
+class LoopbackGrid:
+    """A Flower Grid in this process: every message goes straight to fedward's ClientApp, with the
+    node config of its node. ``down`` nodes are listed but never answer (a killed SuperNode the
+    SuperLink has not noticed yet); ``on_round`` lets a test act between rounds."""
+
+    def __init__(self, node_configs: dict[int, dict], run_config: dict):
+        self.node_configs = dict(node_configs)
+        self.run_config = run_config
+        self.down: set[int] = set()
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.on_push = lambda grid, messages: None
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def push_messages(self, messages):
+        self.on_push(self, messages)
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            self.sent.append(message)
+            node_id = message.metadata.dst_node_id
+            ids.append(message.object_id)
+            if node_id in self.down:
+                continue
+            TaskIdentity.node_id = node_id
+            context = Context(run_id=1, node_id=node_id, node_config=self.node_configs[node_id], state=RecordDict(),
+                              run_config=self.run_config)
+            try:
+                reply = client_app(message, context)
+            except Exception as err:  # a real SuperNode turns a ClientApp exception into an error reply
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            TaskIdentity.node_id = 0
+            self.replies[message.object_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.fixture
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def loopback_run(cfg, tmp_path, *, clients=3, node_ids=None, drill="", min_clients=0, on_push=None, logs=None):
+    node_ids = node_ids or [101 + k for k in range(clients)]
+    nodes = {n: {"client-id": k, "state-dir": str(tmp_path / "nodes")} for k, n in enumerate(node_ids)}
+    run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
+                  **launch.run_config_overrides(cfg, run_dir=tmp_path / "flower-run", resume=False, min_clients=min_clients,
+                                                round_timeout=5, join_timeout=5, drill_bad_reply=drill)}
+    grid = LoopbackGrid(nodes, run_config)
+    if on_push:
+        grid.on_push = on_push
+    settings = ServerSettings.from_run_config(run_config, cfg)
+    settings.poll_interval = 0.01
+    coordinator = Coordinator(grid, cfg, settings, log=(logs.append if logs is not None else lambda line: None))
+    coordinator.run()
+    return coordinator, grid
+
+
+def simulation_model(cfg, tmp_path):
+    cfg = build_config({**cfg.to_dict(), "output": str(tmp_path / "sim")})
+    run_dir, data = prepare(cfg)
+    run(cfg, run_dir, data=data)
+    if not run_dir.final_model_path.is_file():  # personalised: no global model file
+        return None, run_dir
+    return torch.load(run_dir.final_model_path, weights_only=False)["state_dict"], run_dir
+
+
+HETERO = dict(client_models="smallcnn,resnet5,smallcnn", stem="small", messenger_dim=16, injection_epochs=1,
+              distillation_epochs=1)
+
+
+@pytest.mark.parametrize("method, extra", [("fedavg", {}), ("fedmas", {"pre_trained_models": "random", "free_u": 1}),
+                                           ("mhpflid", HETERO)])
+def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path, task_identity):
+    cfg = build_config({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", **extra})
+    coordinator, _ = loopback_run(cfg, tmp_path)
+    sim_model, sim_dir = simulation_model(cfg, tmp_path)
+    if method == "mhpflid":  # the messenger is the global state; compare the last checkpoints
+        flower_model = torch.load(coordinator.run_dir.checkpoints_dir / "last.pt", weights_only=False)["global_state"]
+        sim_model = torch.load(sim_dir.checkpoints_dir / "last.pt", weights_only=False)["global_state"]
+    else:
+        flower_model = torch.load(coordinator.run_dir.final_model_path, weights_only=False)["state_dict"]
+    assert max(float((flower_model[k].double() - sim_model[k].double()).abs().max()) for k in sim_model) == 0.0
+    # the same metrics rows (besides who took part), the same report files
+    same = [r for r in coordinator.run_dir.read_rows() if r["scope"] != "participation"]
+    # personalised methods: the simulation also scores each local model on the pooled test set, which
+    # no node can do (it holds one hospital's data)
+    assert same == [r for r in sim_dir.read_rows() if r.get("data") != "pooled" or r["scope"] == "server"]
+    assert (coordinator.run_dir.path / "report.html").is_file() and (coordinator.run_dir.path / "results.json").is_file()
+
+
+def test_dropout_bad_reply_and_rejoin(tiny_values, tmp_path, task_identity):
+    """Round 1: client 1 sends a NaN (rejected). Round 2: client 2's node dies (dropped). Round 3: it
+    is back under a new node id, is greeted again and takes part from its saved state."""
+    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 3, "partition_method": "iid",
+                        "comm_round": 3})
+    sent_rounds = []
+
+    def on_push(grid, messages):
+        round_label = messages[0].metadata.group_id
+        sent_rounds.append((round_label, messages[0].metadata.message_type))
+        if round_label == "round-2" and messages[0].metadata.message_type == "train":
+            grid.down.add(103)
+        if round_label == "round-2" and messages[0].metadata.message_type == "evaluate":
+            config = grid.node_configs.pop(103)  # the SuperLink drops the dead node; the restarted one registers
+            grid.node_configs[203] = config
+            raise_rejoin.append(True)
+
+    raise_rejoin: list[bool] = []
+    logs: list[str] = []
+    coordinator, grid = loopback_run(cfg, tmp_path, drill="1:1:nan", min_clients=2, on_push=on_push, logs=logs)
+    rows = coordinator.run_dir.read_rows()
+    taking_part = {(r["round"], r["client"]): r["status"] for r in rows if r["scope"] == "participation"}
+    assert taking_part[(1, 1)] == "rejected" and taking_part[(2, 2)] == "dropped"
+    assert [taking_part[(3, k)] for k in range(3)] == ["ok", "ok", "ok"]
+    reasons = {(r["round"], r["client"]): r.get("reason", "") for r in rows if r["scope"] == "participation"}
+    assert "non-finite" in reasons[(1, 1)] and "no reply within 5 s" in reasons[(2, 2)]
+    weights = {r["round"]: r["clients"] for r in rows if r["scope"] == "aggregation"}
+    assert weights == {1: [0, 2], 2: [0, 1], 3: [0, 1, 2]}
+    assert any("round 2: client 2 (node 103) dropped" in line for line in logs)
+    assert any("client 2 (client_2) joined as node 203" in line for line in logs) and raise_rejoin
+    assert (coordinator.run_dir.path / "final_model.pt").is_file()
+
+
+def test_too_few_replies_stop_the_round_and_the_run_resumes(tiny_values, tmp_path, task_identity):
+    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 2})
+
+    def kill_in_round_2(grid, messages):
+        if messages[0].metadata.group_id == "round-2":
+            grid.down.add(102)
+
+    with pytest.raises(FedwardError, match="round 2: 1 usable replies, fewer than the minimum 2; resume after round 1"):
+        loopback_run(cfg, tmp_path, clients=2, on_push=kill_in_round_2)
+    run_dir = tmp_path / "flower-run"
+    assert RunDirectory.open_existing(run_dir).read_rows()[-1]["round"] == 1
+    # resume with both nodes back
+    nodes = {101: {"client-id": 0, "state-dir": str(tmp_path / "nodes")}, 102: {"client-id": 1, "state-dir": str(tmp_path / "nodes")}}
+    run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
+                  **launch.run_config_overrides(cfg, run_dir=run_dir, resume=True, min_clients=0, round_timeout=5, join_timeout=5)}
+    settings = ServerSettings.from_run_config(run_config, cfg)
+    coordinator = Coordinator(LoopbackGrid(nodes, run_config), cfg, settings, log=lambda line: None)
+    coordinator.run()
+    resumed = torch.load(run_dir / "final_model.pt", weights_only=False)["state_dict"]
+    sim_model, _ = simulation_model(cfg, tmp_path)
+    assert all(torch.equal(resumed[k], sim_model[k]) for k in sim_model)
+
+
+def test_nodes_that_disagree_are_refused(tiny_values, tmp_path, task_identity):
+    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 1})
+    logs: list[str] = []
+    nodes = {101: {"client-id": 0}, 102: {"client-id": 7}}  # 7 is outside the federation
+    run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
+                  **launch.run_config_overrides(cfg, run_dir=tmp_path / "r", resume=False, min_clients=0, round_timeout=5,
+                                                join_timeout=1)}
+    coordinator = Coordinator(LoopbackGrid(nodes, run_config), cfg, ServerSettings.from_run_config(run_config, cfg),
+                              log=logs.append)
+    with pytest.raises(FedwardError, match=r"handshake: after 1 s only clients \[0\] are connected"):
+        coordinator.run()
+    assert any("node 102 refused: error on the node: ConfigError: client-id 7: the synthetic data at (built in) holds 2 "
+               "clients" in line for line in logs)
+    assert not (tmp_path / "r").exists()  # nothing written before the federation is complete
+
+
+def test_centralized_has_no_deployment(tiny_values, tmp_path):
+    cfg = build_config({**tiny_values, "method": "centralized"})
+    with pytest.raises(ConfigError, match="centralized pools every hospital's data"):
+        Coordinator(None, cfg, ServerSettings(run_dir=str(tmp_path)))
+
+
+PRIVACY_SETTINGS = {"fedavg": {}, "fedprox": {}, "moon": {}, "fedmas": {"pre_trained_models": "random", "free_u": 1},
+                    "local": {"client_models": HETERO["client_models"], "stem": "small"},
+                    "mhpflid": HETERO, "fml": HETERO, "fedkd": HETERO}
+
+
+def test_privacy_covers_every_method_with_a_deployment():
+    from fedward.config import METHODS
+
+    assert set(PRIVACY_SETTINGS) == set(METHODS) - {"centralized"}
+
+
+@pytest.mark.parametrize("method", sorted(PRIVACY_SETTINGS))
+def test_privacy_server_side_messages_hold_only_declared_records(method, tiny_values, tmp_path, task_identity):
+    """Every record each node sent the server, read back on the server side: only the method's
+    declared arrays, scalar metrics and evaluation summaries; no array equal to any local model,
+    R, T or W_h tensor; and personalised models stay in the node's state folder."""
+    cfg = build_config({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", "comm_round": 1,
+                        **PRIVACY_SETTINGS[method]})
+    received: list[Message] = []
+
+    class RecordingGrid(LoopbackGrid):
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            received.extend(replies)
+            return replies
+
+    nodes = {101 + k: {"client-id": k, "state-dir": str(tmp_path / "nodes")} for k in range(3)}
+    run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
+                  **launch.run_config_overrides(cfg, run_dir=tmp_path / "r", resume=False, min_clients=0, round_timeout=5,
+                                                join_timeout=5)}
+    coordinator = Coordinator(RecordingGrid(nodes, run_config), cfg, ServerSettings.from_run_config(run_config, cfg),
+                              log=lambda line: None)
+    coordinator.run()
+    global_keys = set(coordinator.algorithm.build_model().state_dict())
+    declared = coordinator.algorithm.declared_reply_keys(
+        {k: torch.zeros(1) for k in global_keys}) if method == "fedkd" else coordinator.algorithm.declared_reply_keys(
+        coordinator.algorithm.build_model().state_dict())
+    local_tensors = []
+    for k in range(3):
+        state = torch.load(sorted((tmp_path / "nodes").glob(f"*/client-{k}/round-*.pt"))[-1], weights_only=False)
+        for value in state.values():
+            if isinstance(value, dict):
+                local_tensors += [t for t in value.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+    private = coordinator.algorithm.personalised or coordinator.algorithm.heterogeneous
+    assert local_tensors or not private
+    for message in received:
+        assert set(message.content.keys()) <= {"arrays", "metrics", "facts", "report"}
+        if "arrays" in message.content:
+            arrays = message.content["arrays"].to_torch_state_dict()
+            assert set(arrays) <= declared
+            if private:  # a personalised model, R, T or W_h never equals anything sent
+                assert not any(a.shape == t.shape and torch.equal(a, t) for a in arrays.values() for t in local_tensors)
+        if "metrics" in message.content:
+            assert all(isinstance(v, (int, float)) for v in message.content["metrics"].values())
+        if "facts" in message.content:
+            assert set(json.loads(message.content["facts"]["json"])) == {
+                "client-id", "client-name", "data-set", "clients-in-data", "num-classes", "class-names", "image-size",
+                "mean", "std", "train-class-counts"}
+    if method != "local":
+        assert any("arrays" in m.content and len(m.content["arrays"]) for m in received)
+    # personalised models are on the nodes, not in the server's run directory
+    assert not list(coordinator.run_dir.path.glob("final_model_client_*.pt"))
+    finals = sorted((tmp_path / "nodes").glob("*/client-*/final_model.pt"))
+    if coordinator.algorithm.personalised:
+        assert len(finals) == 3 and torch.load(finals[1], weights_only=False)["model"] == "resnet5"
+    else:
+        assert not finals and coordinator.run_dir.final_model_path.is_file()
