@@ -6,7 +6,6 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-import sklearn.metrics as skm
 
 # sklearn warns when a predicted class has no true sample; balanced accuracy then simply averages over the
 # classes present in y_true, which is the intended Fed-ISIC2019 metric, so the warning is noise here.
@@ -37,6 +36,8 @@ def _as_label_arrays(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) count matrix; entry [i, j] counts samples of true class i predicted as j."""
+    import sklearn.metrics as skm  # imported on first use: it adds ~1 s to every Flower ClientApp start
+
     true, pred = _as_label_arrays(y_true, y_pred, num_classes)
     return skm.confusion_matrix(true, pred, labels=np.arange(num_classes))
 
@@ -52,6 +53,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     - ``per_class_recall``: list of length num_classes, None for classes absent from y_true.
     - ``n``: number of samples.
     """
+    import sklearn.metrics as skm
+
     true, pred = _as_label_arrays(y_true, y_pred, num_classes)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ABSENT_CLASS_WARNING)

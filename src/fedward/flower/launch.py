@@ -141,6 +141,32 @@ def run_config_overrides(cfg: RunConfig, *, run_dir: Path, resume: bool, min_cli
     return values
 
 
+def stream(command: list[str], env: dict[str, str]) -> int | None:
+    """Run ``flwr run --stream``, echoing its output; the id of the run it started, or None."""
+    import re
+
+    run_id = None
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            found = re.search(r"Successfully started run (\d+)", line)
+            if found:
+                run_id = int(found.group(1))
+    return run_id if process.returncode == 0 else None
+
+
+def run_status(run_id: int, env: dict[str, str]) -> dict:
+    """The SuperLink's record of a run: status, details, traffic and compute seconds."""
+    result = subprocess.run([executable("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                            env=env, capture_output=True, text=True)
+    try:
+        runs = json.loads(result.stdout)["runs"]
+    except (ValueError, KeyError):
+        return {"status-details": (result.stdout + result.stderr).strip()[-500:]}
+    return runs[0] if runs else {}
+
+
 def submit(overrides: dict, *, superlink: str | None, ca_cert: str | None, insecure: bool,
            simulation: int = 0, workdir: str | Path | None = None) -> int:
     """Write the App and a connection, then ``flwr run --stream`` until the run ends; with
@@ -172,7 +198,16 @@ def submit(overrides: dict, *, superlink: str | None, ca_cert: str | None, insec
         command = [executable("flwr"), "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"]
         if simulation:
             command += ["--federation-config", f"num-supernodes={int(simulation)}"]
-        return subprocess.run(command, env=flower_env(home / "cli")).returncode
+        env = flower_env(home / "cli")
+        run_id = stream(command, env)
+        if run_id is None:
+            return 1
+        status = run_status(run_id, env)
+        if status.get("status") != "finished:completed":
+            print(f"fedward: the run ended {status.get('status', 'in an unknown state')}: "
+                  f"{status.get('status-details', '')}", file=sys.stderr, flush=True)
+            return 1
+        return 0
     finally:
         if link is not None:
             import signal

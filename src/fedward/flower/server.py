@@ -306,7 +306,11 @@ class Coordinator:
             if reason:
                 self.log(f"round {round_index}: client {p.client_id} (node {p.node_id}) {status}: {reason}")
                 if status == "dropped" and isinstance(answer, str):
-                    self.by_node.pop(p.node_id, None)  # greeted again if it comes back
+                    # Silent nodes are often dead ones the SuperLink still lists (until their heartbeat
+                    # expires): greet this node id again only after join-timeout; a restarted SuperNode
+                    # registers under a new id and is greeted at once.
+                    self.by_node.pop(p.node_id, None)
+                    self.refused[p.node_id] = time.monotonic()
         if len(accepted) < self.min_clients:
             raise FedwardError(f"round {round_index}: {len(accepted)} usable replies, fewer than the minimum "
                                f"{self.min_clients}; resume after round {round_index - 1} with "
