@@ -14,9 +14,9 @@ message) and the bytes moved (the model, both ways, per client).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
-import os
 import statistics
 import subprocess
 import sys
@@ -97,8 +97,6 @@ def clientapp_start_seconds(repeats: int = 3) -> float:
 
 
 def model_bytes(values: dict) -> int:
-    import torch
-
     from fedward.models import get_model
 
     model = get_model(values["model"], num_classes=8, image_size=values["image_size"])

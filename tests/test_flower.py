@@ -222,6 +222,19 @@ def test_the_app_points_at_fedwards_apps_and_declares_every_override(tmp_path, t
     assert json.loads(overrides["fedward-config"])["output"] == str(tmp_path / "r")
 
 
+def test_cli_writes_the_app_and_names_a_missing_tls_choice(tmp_path, tiny_values, capsys):
+    from fedward.cli import main
+
+    assert main(["flower", "app", str(tmp_path / "app")]) == 0
+    assert tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["publisher"] == "fedward"
+    assert main(["flower", "certs", str(tmp_path / "certs"), "--host", "10.0.0.5"]) == 0
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["ca.crt", "ca.key", "server.key", "server.pem"]
+    code = main(["flower", "run", "--superlink", "10.0.0.5:9093", "--output", str(tmp_path / "run"),
+                 "--model", "smallcnn", "--comm_round", "1"])
+    assert code == 2 and "give either --insecure" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 # -- the round loop over a loopback grid -------------------------------------------------------------
 class LoopbackGrid:
     """A Flower Grid in this process: every message goes straight to fedward's ClientApp, with the

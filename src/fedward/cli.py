@@ -45,7 +45,7 @@ def _add_config_flags(parser) -> None:
 
 
 def _add_flower_parser(subparsers) -> None:
-    from fedward.flower.launch import DEFAULT_NODE_PORT, DEFAULT_PORT
+    from fedward.flower import DEFAULT_NODE_PORT, DEFAULT_PORT  # no Flower import: `fedward run` works without it
 
     flower = subparsers.add_parser("flower", help="run methods across machines on Flower (SuperLink + SuperNodes)",
                                    description="A real deployment: one SuperLink (server), one SuperNode per hospital.")
@@ -214,21 +214,22 @@ def command_flower(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedward.flower import require_flwr
-    from fedward.flower import launch
 
     action = args.flower_command
+    if action == "app":
+        from fedward.flower.app import write_app
+
+        print(f"Flower App written: {write_app(args.folder)} (run it with `flwr run {args.folder} <connection>`)")
+        return 0
+    require_flwr()  # Flower brings `cryptography` too
+    from fedward.flower import launch
+
     if action == "certs":
         from fedward.flower.tls import generate_certificates
 
         paths = generate_certificates(args.folder, args.host, days=args.days)
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return 0
-    if action == "app":
-        from fedward.flower.app import write_app
-
-        print(f"Flower App written: {write_app(args.folder)} (run it with `flwr run {args.folder} <connection>`)")
-        return 0
-    require_flwr()
     if action == "superlink":
         launch.exec_command(launch.superlink_command(host=args.host, port=args.port, certs=args.certs,
                                                      insecure=args.insecure, database=args.database,

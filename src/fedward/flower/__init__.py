@@ -20,6 +20,8 @@ from __future__ import annotations
 from fedward.errors import ConfigError
 
 FLWR_VERSION = "1.41.0"
+DEFAULT_PORT = 9093  # the SuperLink's one HTTP port (Fleet, Control and Runtime APIs in flwr 1.41)
+DEFAULT_NODE_PORT = 9094  # a SuperNode's ClientAppIo port: nodes on one machine need distinct ones
 
 
 def require_flwr() -> None:

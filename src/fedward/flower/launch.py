@@ -19,11 +19,10 @@ from typing import Sequence
 
 from fedward.config import RunConfig
 from fedward.errors import ConfigError
+from fedward.flower import DEFAULT_NODE_PORT, DEFAULT_PORT  # noqa: F401  (re-exported for the CLI)
 from fedward.flower.app import write_app
 from fedward.flower.tls import CA_CERT, SERVER_CERT, SERVER_KEY
 
-DEFAULT_PORT = 9093  # the SuperLink's one HTTP port (Fleet, Control and Runtime APIs in flwr 1.41)
-DEFAULT_NODE_PORT = 9094  # a SuperNode's ClientAppIo port: nodes on one machine need distinct ones
 CONNECTION = "fedward"
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, TaskSpec, to_cpu
+from fedward.algorithms.base import Arrays, ClientReply, ServerMessage
 from fedward.config import RunConfig, build_config
 from fedward.data.types import FederatedData
 from fedward.engine.setup import configure_threads, load_data
