@@ -251,8 +251,9 @@ def command_flower(args: argparse.Namespace) -> int:
 
         if flags or getattr(args, "config", None):
             raise ConfigError("--resume continues the saved config of the run; drop the other run settings")
-        run_dir = RunDirectory.open_existing(resume).path.resolve()
-        cfg = build_config({k: v for k, v in RunDirectory.open_existing(resume).read_config().items() if k in FIELD_NAMES})
+        existing = RunDirectory.open_existing(resume)
+        run_dir = existing.path.resolve()
+        cfg = build_config({k: v for k, v in existing.read_config().items() if k in FIELD_NAMES})
     else:
         values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
         values.update(flags)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -209,8 +210,6 @@ def submit(overrides: dict, *, superlink: str | None, ca_cert: str | None, insec
         return 0
     finally:
         if link is not None:
-            import signal
-
             try:
                 os.killpg(link.pid, signal.SIGTERM)
                 link.wait(timeout=20)

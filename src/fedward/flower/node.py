@@ -23,7 +23,6 @@ Node config keys (``flower-supernode --node-config "client-id=0 data-dir='/data/
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from fedward.algorithms.base import Arrays, ClientReply, ServerMessage
 from fedward.config import RunConfig, build_config
+from fedward.data.synthetic import default_cache_dir
 from fedward.data.types import FederatedData
 from fedward.engine.setup import configure_threads, load_data
 from fedward.engine.simulation import ClientTask, Simulation, client_model_payload
@@ -43,8 +43,7 @@ STATE_FILE = re.compile(r"round-(\d+)\.pt$")
 
 
 def default_state_dir() -> Path:
-    root = os.environ.get("FEDWARD_CACHE") or str(Path.home() / ".cache" / "fedward")
-    return Path(root) / "flower-nodes"
+    return default_cache_dir() / "flower-nodes"
 
 
 @dataclass(frozen=True)
@@ -123,8 +122,6 @@ class NodeStateStore:
 def load_node_data(cfg: RunConfig, settings: NodeSettings) -> FederatedData:
     """This node's client only, with its federation index as ``client_id``."""
     node_cfg = replace(cfg, data_dir=settings.data_dir or cfg.data_dir, progress=False)
-    if settings.prior_path:
-        node_cfg = replace(node_cfg, prior_path=settings.prior_path)
     data = load_data(node_cfg)
     k = settings.client_id
     if data.num_clients == 1:  # the hospital's own data
@@ -157,13 +154,10 @@ class NodeRuntime:
         """What the server learns about this client before round 1 (no image, no label)."""
         data, client = self.data, self.client
         return {"client-id": client.client_id, "client-name": client.name, "data-set": data.name,
-                "clients-in-data": self._clients_in_data(), "num-classes": data.num_classes,
+                "clients-in-data": data.info.get("num_clients_loaded"), "num-classes": data.num_classes,
                 "class-names": list(data.class_names), "image-size": data.image_size,
                 "mean": list(data.mean), "std": list(data.std),
                 "train-class-counts": client.train.class_counts(data.num_classes).tolist()}
-
-    def _clients_in_data(self) -> int | None:
-        return self.data.info.get("num_clients_loaded")
 
     # -- rounds ------------------------------------------------------------------------------
     def simulation(self, spec_json: str) -> Simulation:

@@ -71,7 +71,7 @@ def encode_reply(reply: ClientReply, report: Any = None) -> RecordDict:
                           METRICS: MetricRecord({**{k: float(v) for k, v in reply.metrics.items()},
                                                  CLIENT_ID: int(reply.client_id)})})
     if report is not None:
-        content[REPORT] = ConfigRecord({"json": json.dumps(report)})
+        content[REPORT] = _report_record(report)
     return content
 
 
@@ -82,8 +82,12 @@ def decode_reply(content: RecordDict) -> tuple[ClientReply, Any]:
     return reply, decode_report(content)
 
 
+def _report_record(report: Any) -> ConfigRecord:
+    return ConfigRecord({"json": json.dumps(report)})
+
+
 def encode_report(report: Any) -> RecordDict:
-    return RecordDict({REPORT: ConfigRecord({"json": json.dumps(report)})})
+    return RecordDict({REPORT: _report_record(report)})
 
 
 def decode_report(content: RecordDict) -> Any:
