@@ -28,7 +28,7 @@ from fedward.engine.simulation import prepare, run  # noqa: E402
 from fedward.errors import ConfigError, FedwardError  # noqa: E402
 from fedward.flower import app as flower_app  # noqa: E402
 from fedward.flower import launch  # noqa: E402
-from fedward.flower.checks import reply_problem  # noqa: E402
+from fedward.engine.replies import reply_problem  # noqa: E402
 from fedward.flower.client_app import app as client_app, apply_drill  # noqa: E402
 from fedward.flower.node import NodeSettings, NodeStateStore, load_node_data  # noqa: E402
 from fedward.flower.records import (  # noqa: E402
@@ -89,7 +89,7 @@ def test_sound_reply_passes():
 @pytest.mark.parametrize("changes, expected", [
     ({"w": torch.tensor([[1.0, math.nan, 1.0], [1.0, 1.0, math.inf]])}, "array 'w' holds 2 non-finite value(s) (NaN or Inf)"),
     ({"b": torch.tensor([1.0, -math.inf])}, "array 'b' holds 1 non-finite value(s)"),
-    ({"w": torch.ones(3, 2)}, "array 'w' has shape (3, 2), the global model's has (2, 3)"),
+    ({"w": torch.ones(3, 2)}, "array 'w' has shape (3, 2), expected (2, 3)"),
     ({"b": torch.ones(2, dtype=torch.float64)}, "array 'b' has dtype torch.float64"),
     ({"images": torch.ones(4, 3, 8, 8)}, "undeclared array(s) ['images']"),
     ({"metrics": {"train-loss": math.nan}}, "metric 'train-loss' is nan"),

@@ -13,38 +13,76 @@ import sys
 from typing import Any, Sequence
 
 from fedward import __version__
-from fedward.config import DEAD_REFERENCE_FLAGS, FIELD_NAMES, RunConfig, build_config, config_help, load_yaml
+from fedward.algorithms import list_methods
+from fedward.config import COMMON_FIELDS, DEAD_REFERENCE_FLAGS, all_setting_names, build_config, load_yaml, option_owners
+from fedward.data import list_datasets
 from fedward.errors import ConfigError, FedwardError
+from fedward.options import default_of, is_bool
 
 DOWNLOADABLE = ("isic2019",)  # `fedward data download NAME`
-BOOL_FIELDS = {name for name, f in RunConfig.__dataclass_fields__.items() if str(f.type).startswith("bool")}
 
 
-def _add_run_parser(subparsers) -> None:
+def _add_run_parser(subparsers, shown: dict[str, str | None]) -> None:
     run = subparsers.add_parser("run", help="train a federated run", argument_default=argparse.SUPPRESS,
-                                description="Train a method on a federated data set and write a run directory.")
+                                allow_abbrev=False,
+                                description="Train a method on a federated data set and write a run directory. "
+                                            "`fedward run --method X --help` shows only X's options.")
     run.add_argument("--config", help="YAML file of run settings (flags override it)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    _add_config_flags(run)
+    _add_config_flags(run, shown)
 
 
-def _add_config_flags(parser) -> None:
-    """One flag per RunConfig field (the reference's flag names), as `fedward run` takes them."""
-    helps = config_help()
-    defaults = RunConfig()
-    for name in FIELD_NAMES:
-        default = getattr(defaults, name)
-        text = f"{helps.get(name, '')} (default: {default})"
-        if name in BOOL_FIELDS:
-            # `--adam` alone means true (as in the reference); `--adam false` is accepted too.
-            parser.add_argument(f"--{name}", nargs="?", const="true", metavar="BOOL", help=text)
-        elif name == "pre_trained_tv":
-            parser.add_argument("--pre_trained_tv", nargs="?", const="default", metavar="PATH", help=text)
+def _flag_names(name: str) -> list[str]:
+    """The flag and its kebab-case spelling (one style for every command; the reference's names stay)."""
+    kebab = name.replace("_", "-")
+    return [f"--{kebab}", f"--{name}"] if kebab != name else [f"--{name}"]
+
+
+def _add_flag(group, f, help_text: str) -> None:
+    const = f.metadata.get("const")
+    if is_bool(f):
+        # `--adam` alone means true (as in the reference); `--adam false` is accepted too.
+        group.add_argument(*_flag_names(f.name), dest=f.name, nargs="?", const="true", metavar="BOOL", help=help_text)
+    elif const is not None:
+        group.add_argument(*_flag_names(f.name), dest=f.name, nargs="?", const=const, metavar="VALUE", help=help_text)
+    else:
+        group.add_argument(*_flag_names(f.name), dest=f.name, metavar=f.name.upper(), help=help_text)
+
+
+def _add_config_flags(parser, shown: dict[str, str | None]) -> None:
+    """One flag per setting: the common ones, then one group per set of methods and data sets that
+    share options. ``shown``: the method and data set named on the command line; the help shows
+    only their options then."""
+    for name, f in COMMON_FIELDS.items():
+        choices = f.metadata.get("choices")
+        if name == "method":
+            text = f"training method: {', '.join(list_methods())}"
+        elif name == "dataset":
+            text = f"data set: {', '.join(list_datasets())}; --data_dir alone means fed_isic2019"
         else:
-            parser.add_argument(f"--{name}", metavar=name.upper(), help=text)
+            text = f.metadata["help"] + (f" ({'|'.join(choices)})" if choices else "")
+        _add_flag(parser, f, f"{text} (default: {default_of(f)})")
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
+    owners = option_owners()
+    for name, entries in owners.items():
+        key = (tuple(o for kind, o, _ in entries if kind == "method"), tuple(o for kind, o, _ in entries if kind == "dataset"))
+        groups.setdefault(key, []).append(name)
+    for (methods, datasets), names in groups.items():
+        title = " and ".join(part for part in (f"--method {', '.join(methods)}" if methods else "",
+                                               f"--dataset {', '.join(datasets)}" if datasets else "") if part)
+        visible = ((shown["method"] is None or shown["method"] in methods) if methods else True) and \
+                  ((shown["dataset"] is None or shown["dataset"] in datasets) if datasets else True)
+        group = parser.add_argument_group(f"options of {title}")
+        for name in names:
+            fields_ = [f for _, _, f in owners[name]]
+            defaults = sorted({repr(default_of(f)) for f in fields_})
+            choices = fields_[0].metadata.get("choices")
+            text = fields_[0].metadata["help"] + (f" ({'|'.join(choices)})" if choices else "") + \
+                f" (default: {', '.join(d.strip(chr(39)) for d in defaults)})"
+            _add_flag(group, fields_[0], text if visible else argparse.SUPPRESS)
 
 
-def _add_flower_parser(subparsers) -> None:
+def _add_flower_parser(subparsers, shown: dict[str, str | None]) -> None:
     from fedward.flower import DEFAULT_NODE_PORT, DEFAULT_PORT  # no Flower import: `fedward run` works without it
 
     flower = subparsers.add_parser("flower", help="run methods across machines on Flower (SuperLink + SuperNodes)",
@@ -72,7 +110,7 @@ def _add_flower_parser(subparsers) -> None:
     node.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
 
     run = actions.add_parser("run", help="submit a run to a SuperLink and stream its log",
-                             argument_default=argparse.SUPPRESS,
+                             argument_default=argparse.SUPPRESS, allow_abbrev=False,
                              description="Submit a fedward run (the same settings as `fedward run`) to a SuperLink. "
                                          "The run directory is written on the SuperLink's machine.")
     run.add_argument("--config", help="YAML file of run settings (flags override it)")
@@ -87,7 +125,7 @@ def _add_flower_parser(subparsers) -> None:
     run.add_argument("--join-timeout", type=float, help="seconds to wait for the clients to connect (default: 300)")
     run.add_argument("--drill-bad-reply", metavar="CLIENT:ROUND:KIND", help="fire drill: that client sends a "
                                                                             "nan, inf or shape-broken reply in that round")
-    _add_config_flags(run)
+    _add_config_flags(run, shown)
 
     certs = actions.add_parser("certs", help="write a development CA and server certificate")
     certs.add_argument("folder", metavar="DIR")
@@ -98,17 +136,19 @@ def _add_flower_parser(subparsers) -> None:
     app.add_argument("folder", metavar="DIR")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedward", description=__doc__.splitlines()[0])
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; ``argv`` is scanned for --method/--dataset, whose options alone the help shows."""
+    shown = {name: (_scan(argv, name) or "").lower() or None for name in ("method", "dataset")}
+    parser = argparse.ArgumentParser(prog="fedward", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"fedward {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_run_parser(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_parser(subparsers, shown)
     report = subparsers.add_parser("report", help="summarise and plot one or more run directories")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
     _add_prior_parser(subparsers)
-    _add_flower_parser(subparsers)
+    _add_flower_parser(subparsers, shown)
     data = subparsers.add_parser("data", help="download, check or prepare a data folder")
     data_actions = data.add_subparsers(dest="data_command", required=True)
     check = data_actions.add_parser("check", help="report clients, classes and counts of a data folder, without training",
@@ -168,10 +208,52 @@ def _add_prior_parser(subparsers) -> None:
         train.add_argument(f"--{field}", type=type(value), default=value, help=f"(default: {value})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations anywhere: a prefix of a flag is never taken for the flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _scan(argv: Sequence[str], name: str) -> str | None:
+    """The value of --name in argv, if given (before parsing)."""
+    for i, token in enumerate(argv):
+        for flag in _flag_names(name):
+            if token == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if token.startswith(flag + "="):
+                return token.split("=", 1)[1]
+    return None
+
+
+def _preload_plugins(argv: Sequence[str]) -> None:
+    """Import the run's plugins before the parser is built, so their methods' flags exist."""
+    specs = [v for v in [_scan(argv, "plugins")] if v]
+    config = _scan(argv, "config")
+    if config:
+        try:
+            specs += [str(load_yaml_raw(config).get("plugins") or "")]
+        except (OSError, ConfigError):
+            pass  # the config is read (and its errors reported) after parsing
+    if specs:
+        from fedward.plugins import load_plugins
+
+        load_plugins([p.strip() for spec in specs for p in spec.split(",") if p.strip()])
+
+
+def load_yaml_raw(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    return data if isinstance(data, dict) else {}
+
+
 def _reject_dead_flags(unknown: Sequence[str]) -> None:
     for token in unknown:
         if token.startswith("--"):
-            name = token[2:].split("=", 1)[0]
+            name = token[2:].split("=", 1)[0].replace("-", "_")
             if name in DEAD_REFERENCE_FLAGS:
                 raise ConfigError(f"--{name} is not accepted: {DEAD_REFERENCE_FLAGS[name]}")
             raise ConfigError(f"unknown flag --{name}; see `fedward run --help`")
@@ -183,7 +265,7 @@ def command_run(args: argparse.Namespace) -> int:
     from fedward.engine.simulation import prepare, print_summary, run
     from fedward.tracking import RunDirectory
 
-    flags = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    flags = {k: v for k, v in vars(args).items() if k in all_setting_names()}
     if getattr(args, "resume", None):
         if flags or getattr(args, "config", None):
             allowed = {"progress"}
@@ -191,8 +273,7 @@ def command_run(args: argparse.Namespace) -> int:
             if extra:
                 raise ConfigError(f"--resume continues the saved config of the run; drop --{', --'.join(extra)}")
         run_dir = RunDirectory.open_existing(args.resume)
-        saved = {k: v for k, v in run_dir.read_config().items() if k in FIELD_NAMES}
-        cfg = build_config({**saved, **flags})
+        cfg = build_config({**run_dir.read_config(), **flags})
         summary = run(cfg, run_dir, resume=True)
         print_summary(summary, run_dir)
         return 0
@@ -244,7 +325,7 @@ def command_flower(args: argparse.Namespace) -> int:
             superlink=args.superlink, client_id=args.client_id, data=args.data, state_dir=state_dir, port=args.port,
             ca_cert=args.ca_cert, insecure=args.insecure, device=args.device, prior_path=args.prior_path), env)
     # run
-    flags = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    flags = {k: v for k, v in vars(args).items() if k in all_setting_names()}
     resume = getattr(args, "resume", None)
     if resume:
         from fedward.tracking import RunDirectory
@@ -253,7 +334,7 @@ def command_flower(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues the saved config of the run; drop the other run settings")
         existing = RunDirectory.open_existing(resume)
         run_dir = existing.path.resolve()
-        cfg = build_config({k: v for k, v in existing.read_config().items() if k in FIELD_NAMES})
+        cfg = build_config(existing.read_config())
     else:
         values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
         values.update(flags)
@@ -388,7 +469,13 @@ def command_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _preload_plugins(argv)
+    except FedwardError as err:
+        print(f"fedward: error: {err}", file=sys.stderr)
+        return 2
+    parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     try:
         if unknown:

@@ -1,27 +1,18 @@
-"""Methods: one module each, a client update plus a server aggregate."""
+"""Methods: one module each, a client update plus a server aggregate, registered by decorator.
+
+A new method is one module: subclass :class:`Algorithm` (or :class:`FedAvg`), give it a ``name``
+and an ``Options`` dataclass, decorate it with :func:`register_method`, and name the module
+in the run's ``plugins`` setting (``fedward run --plugins my_method.py``).
+"""
 
 from __future__ import annotations
 
 from fedward.algorithms.base import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace
-from fedward.algorithms.centralized import Centralized
-from fedward.algorithms.fedavg import FedAvg
-from fedward.algorithms.fedkd import FedKD
-from fedward.algorithms.fedmas import FedMAS
-from fedward.algorithms.fedprox import FedProx
-from fedward.algorithms.fml import FML
-from fedward.algorithms.local import Local
-from fedward.algorithms.mhpflid import MHpFLID
-from fedward.algorithms.moon import Moon
-from fedward.errors import ConfigError
+from fedward.algorithms.registry import METHOD_REGISTRY, get_algorithm, list_methods, register_method
+from fedward.algorithms import (  # noqa: E402,F401  (each module registers its methods)
+    fedavg, fedprox, moon, local, centralized, fedmas, mhpflid, fml, fedkd,
+)
+from fedward.algorithms.fedavg import FedAvg  # noqa: E402
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Moon, Local, Centralized, FedMAS, MHpFLID, FML, FedKD)}
-
-
-def get_algorithm(name: str) -> type[Algorithm]:
-    try:
-        return ALGORITHMS[name.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown method '{name}'; expected one of: {', '.join(ALGORITHMS)}") from None
-
-
-__all__ = ["ALGORITHMS", "Algorithm", "ClientReply", "ServerMessage", "TaskSpec", "Workspace", "get_algorithm"]
+__all__ = ["METHOD_REGISTRY", "Algorithm", "ClientReply", "FedAvg", "ServerMessage", "TaskSpec", "Workspace",
+           "get_algorithm", "list_methods", "register_method"]

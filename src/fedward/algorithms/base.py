@@ -11,15 +11,19 @@ never go into a reply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from fedward.config import HETEROGENEOUS_METHODS, RunConfig, client_architectures
 from fedward.data.types import ClientData, Split
+from fedward.errors import ConfigError
 from fedward.models import get_model, model_options
-from fedward.seeding import torch_generator
+from fedward.options import NON_NEGATIVE, POSITIVE, NoOptions, at_least, option
+from fedward.seeding import seed_globals, torch_generator
+
+if TYPE_CHECKING:
+    from fedward.config import RunConfig
 
 Arrays = dict[str, torch.Tensor]
 
@@ -106,7 +110,29 @@ def batchnorm_buffer_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+# -- options several methods share -------------------------------------------------------------------
+@dataclass
+class Epochs:
+    epochs: int = option(1, "local epochs per round", check=at_least(1))
+
+
+@dataclass
+class LocalTraining(Epochs):
+    """The local training of the FedAvg family (one model architecture for every client)."""
+
+    lr: float = option(3e-4, "learning rate", check=POSITIVE)
+    adam: bool = option(False, "use Adam (no weight decay, as the reference) instead of SGD")
+    momentum: float = option(0.9, "SGD momentum", check=NON_NEGATIVE)
+    nesterov: bool = option(True, "SGD Nesterov momentum")
+    wd: float = option(1e-4, "SGD weight decay (the reference's Adam has none)", check=NON_NEGATIVE)
+    bn_policy: str = option("average", "BatchNorm statistics: 'average' (whole state dict, reference) or 'local' "
+                                       "(FedBN/FLamby)", choices=("average", "local"))
+    model: str = option("resnet18", "model name from the registry (fedward models)")
+    pre_trained_tv: str | None = option(None, "initialise the backbone from torchvision ImageNet weights: a file, or no "
+                                              "value for torchvision's cache path", const="default")
+
+
+def make_optimizer(cfg: "RunConfig", params) -> torch.optim.Optimizer:
     """SGD(momentum, nesterov, weight decay) or, with ``--adam``, Adam without weight decay
     (the reference's choice for every method).
 
@@ -141,25 +167,96 @@ def examples_seen(n: int, batch_size: int) -> int:
 
 
 class Algorithm:
-    """Base class: FedAvg-style broadcast of the whole model, weighted averaging by examples."""
+    """A method: what the server sends, what a client does with it, how the server combines replies.
+
+    A subclass declares, in one place, everything the rest of fedward needs to know about it:
+    ``name``, ``summary`` (one line for ``--help``), ``Options`` (a dataclass of its own settings,
+    built with :func:`fedward.options.option`: the CLI flags, help, YAML keys and validation come
+    from it), ``default_overrides`` (common settings it defaults differently), ``personalised``,
+    ``centralized``, :meth:`check_config` (rules across settings), :meth:`model_builder`,
+    :meth:`prepare_run` (checks before a run directory is written), :meth:`declared_reply_keys`
+    (what a reply may carry) and :meth:`initial_server_state` (what the server keeps between rounds;
+    it is checkpointed with the global model, so a resumed run continues exactly). Register it
+    with :func:`fedward.algorithms.register_method`.
+    """
 
     name = "base"
+    summary = ""
+    Options: type = NoOptions
+    default_overrides: dict[str, Any] = {}
     personalised = False  # True when each client's own model is the deliverable (local)
-    centralized = False  # True when one pooled pseudo-client trains on everything
+    centralized = False  # True when one pooled pseudo-client trains on everything (no deployment)
 
-    def __init__(self, cfg: RunConfig, spec: TaskSpec, build_model: Callable[[], nn.Module]):
+    def __init__(self, cfg: "RunConfig", spec: TaskSpec, build_model: Callable[[], nn.Module]):
         self.cfg = cfg
         self.spec = spec
         self.build_model = build_model
 
+    # -- declarations used before a run starts ----------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: "RunConfig") -> None:
+        """Rules across settings (each option's own check has run already); raise ConfigError."""
+
+    @classmethod
+    def model_builder(cls, cfg: "RunConfig", spec: TaskSpec) -> Callable[[], nn.Module]:
+        """A function building the global model: ``--model`` from the registry (with the LDAM
+        cosine classifier when the loss needs it), wrapped by :meth:`wrap_model`."""
+        from fedward.losses import build_loss
+        from fedward.models.heads import use_cosine_classifier
+
+        cosine = build_loss(cfg.loss_fn_name, [1] * spec.num_classes).needs_cosine_classifier
+        # The stem applies to the ResNets; models without one (smallcnn) take no stem.
+        kwargs = {"stem": cfg.stem} if "stem" in model_options(cfg.model) else {}
+
+        def build() -> nn.Module:
+            model = cls.wrap_model(cfg, spec, get_model(cfg.model, num_classes=spec.num_classes,
+                                                        image_size=spec.image_size, **kwargs))
+            if cosine:
+                use_cosine_classifier(model)
+            return model
+
+        return build
+
+    @classmethod
+    def wrap_model(cls, cfg: "RunConfig", spec: TaskSpec, model: nn.Module) -> nn.Module:
+        """The method's additions to the backbone (MOON's projection head, Fed-MAS's projector)."""
+        return model
+
+    @classmethod
+    def prepare_run(cls, cfg: "RunConfig", spec: TaskSpec, num_clients: int) -> None:
+        """Checks that need the data's facts, run before the run directory is written (a missing
+        weights file fails here, not in round 1). ``cfg`` may be completed (e.g. a resolved file)."""
+        client_architectures(cfg, num_clients, cls.default_client_models(cfg))
+
+    @classmethod
+    def initial_state(cls, cfg: "RunConfig", build: Callable[[], nn.Module]) -> tuple[Arrays, list[str]]:
+        """Seeded initial global weights (and ImageNet backbone weights with --pre_trained_tv), with
+        notices for the user."""
+        seed_globals(cfg.seed, "initial-model")
+        model = build()
+        notices: list[str] = []
+        if cfg.has("pre_trained_tv") and cfg.pre_trained_tv is not None:
+            from fedward.models.pretrained import load_pretrained_backbone
+
+            target = getattr(model, "backbone", model)  # MOON / Fed-MAS wrappers hold the ResNet as backbone
+            path = None if cfg.pre_trained_tv == "default" else cfg.pre_trained_tv
+            notices = load_pretrained_backbone(target, cfg.model, path)
+        return to_cpu(model.state_dict()), notices
+
     # -- per-client architectures (model-heterogeneous methods; local with --client_models) ----------
+    @classmethod
+    def default_client_models(cls, cfg: "RunConfig") -> list[str] | None:
+        """Each client's architecture when --client_models is not given; None: ``--model`` for all."""
+        return None
+
     @property
     def heterogeneous(self) -> bool:
         """True when every client keeps a local model of its own architecture."""
-        return bool(self.cfg.client_models) or self.cfg.method in HETEROGENEOUS_METHODS
+        return bool(self.cfg.has("client_models") and self.cfg.client_models)
 
     def client_architecture(self, client_id: int) -> str:
-        return client_architectures(self.cfg, len(self.spec.train_class_counts))[client_id]
+        return client_architectures(self.cfg, len(self.spec.train_class_counts),
+                                    self.default_client_models(self.cfg))[client_id]
 
     def build_local_model(self, client_id: int, generator: torch.Generator | None = None) -> nn.Module:
         name = self.client_architecture(client_id)
@@ -179,11 +276,27 @@ class Algorithm:
         name = self.client_architecture(client_id)
         return ws.cached_module(("local", name), lambda: self.build_local_model(client_id))
 
+    def global_model_name(self) -> str:
+        """The registry name of the global model (recorded with the saved model)."""
+        return self.cfg.model
+
     # -- server side -------------------------------------------------------------------------
-    def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
+    def initial_server_state(self, global_state: Arrays) -> dict[str, Any]:
+        """What the server keeps between rounds besides the global model (server optimizer moments,
+        control variates): tensors and plain values, checkpointed every round."""
+        return {}
+
+    def select_clients(self, round_index: int, client_ids: list[int], server_state: dict[str, Any]) -> list[int]:
+        """The clients that train this round (default: all)."""
+        return list(client_ids)
+
+    def server_message(self, round_index: int, global_state: Arrays, server_state: dict[str, Any]) -> ServerMessage:
         return ServerMessage(round=round_index, arrays=global_state, config={"total-rounds": self.cfg.comm_round})
 
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
+                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        """The next global model and what to log (``weights``: one per reply). ``server_state`` may be
+        updated in place; it must not keep references to tensors it will later modify in place."""
         raise NotImplementedError
 
     # -- client side -------------------------------------------------------------------------
@@ -196,11 +309,15 @@ class Algorithm:
         return reply.arrays or None
 
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
-        """Array names a reply may carry: the privacy tests check replies against this."""
+        """Array names a reply may carry: the reply checks and the privacy tests hold replies to it."""
         return set(global_state)
 
+    def reply_reference(self, global_state: Arrays, server_state: dict[str, Any]) -> Arrays:
+        """The arrays a reply's shapes and dtypes are checked against (by name)."""
+        return global_state
+
     def reply_as_state(self, arrays: Arrays, global_state: Arrays) -> Arrays:
-        """A reply's arrays under the global model's names and shapes, for the server's shape checks
+        """A reply's arrays under the reference's names and shapes, for the server's shape checks
         (FedKD overrides this to multiply its low-rank factors out)."""
         return arrays
 
@@ -208,3 +325,26 @@ class Algorithm:
         """Extra predictors evaluated on a client's own splits next to its local model, by name
         (logged as ``model: <name>`` rows; never part of the summary)."""
         return {}
+
+
+def client_architectures(cfg: "RunConfig", num_clients: int, default: list[str] | None = None) -> list[str]:
+    """Each client's local model: --client_models (one per client), else ``default`` cycled over the
+    clients, else ``--model`` for all."""
+    given = list(cfg.client_models) if cfg.has("client_models") else []
+    if given:
+        if len(given) != num_clients:
+            raise ConfigError(f"--client_models lists {len(given)} models ({', '.join(given)}) "
+                              f"but the data set has {num_clients} clients; give one model per client")
+        return given
+    if default:
+        return [default[k % len(default)] for k in range(num_clients)]
+    return [cfg.model] * num_clients
+
+
+def check_client_models(cfg: "RunConfig") -> None:
+    from fedward.models import list_models
+
+    for name in cfg.client_models:
+        if name not in list_models() or name == "messenger":
+            raise ConfigError(f"--client_models entry '{name}' is not a model; expected names from: "
+                              f"{', '.join(m for m in list_models() if m != 'messenger')}")

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
+from fedward.algorithms.registry import register_method
 from fedward.algorithms.base import (
     Algorithm,
     Arrays,
+    LocalTraining,
     ClientReply,
     ServerMessage,
     Workspace,
@@ -38,11 +40,14 @@ def plain_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
 def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: int, batch_size: int,
                 loss_fn: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                 forward: ForwardFn = plain_forward, extra_loss: ExtraLossFn | None = None,
-                grad_clip: float | None = None) -> tuple[int, float]:
+                grad_clip: float | None = None,
+                after_backward: Callable[[nn.Module], None] | None = None) -> tuple[int, float]:
     """Run ``epochs`` epochs of minibatch training on the client's train split.
 
     Returns (number of steps, mean task+extra loss). Images are augmented as whole batches on the
     training device with the client's generator, so the work is reproducible bit for bit.
+    ``after_backward(model)`` may change the gradients before clipping and the optimizer step
+    (SCAFFOLD's control-variate correction).
     """
     model.train()
     split = client.train
@@ -57,6 +62,8 @@ def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: 
             loss = loss + extra_loss(extras, inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward(model)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -65,6 +72,7 @@ def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: 
     return steps, float(total / max(steps, 1))
 
 
+@register_method
 class FedAvg(Algorithm):
     """Clients load the global state dict, train locally, send the whole state dict back; the
     server averages every entry with weights num-examples / sum (the reference's rule, where
@@ -72,6 +80,8 @@ class FedAvg(Algorithm):
     statistics across rounds (FedBN / FLamby behaviour)."""
 
     name = "fedavg"
+    summary = "FedAvg (McMahan et al. 2017): the whole state dict, averaged by examples"
+    Options = LocalTraining
     default_grad_clip: float | None = None
 
     # -- hooks for subclasses ------------------------------------------------------------------
@@ -79,6 +89,10 @@ class FedAvg(Algorithm):
         return plain_forward
 
     def extra_loss_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ExtraLossFn | None:
+        return None
+
+    def gradient_hook(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
+        """Called after each backward pass with the model (None: no hook)."""
         return None
 
     def after_training(self, ws: Workspace, state: dict[str, Any]) -> None:
@@ -107,7 +121,7 @@ class FedAvg(Algorithm):
         steps, mean_loss = train_local(
             ws, model, client, epochs=cfg.epochs, batch_size=cfg.batch_size, loss_fn=loss_fn, optimizer=optimizer,
             generator=generator, forward=self.forward_fn(ws, message, state),
-            extra_loss=self.extra_loss_fn(ws, message, state),
+            extra_loss=self.extra_loss_fn(ws, message, state), after_backward=self.gradient_hook(ws, message, state),
             grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
         if cfg.persist_optimizer_state:
             state["optimizer"] = optimizer.state_dict()
@@ -117,10 +131,17 @@ class FedAvg(Algorithm):
         self.after_training(ws, state)
         metrics = {"num-examples": float(examples_seen(len(client.train), cfg.batch_size)),
                    "train-loss": mean_loss, "steps": float(steps)}
-        return ClientReply(client_id=client.client_id, arrays=arrays, metrics=metrics)
+        return ClientReply(client_id=client.client_id, arrays=self.reply_arrays(arrays, message, state, steps),
+                           metrics=metrics)
+
+    def reply_arrays(self, trained: Arrays, message: ServerMessage, state: dict[str, Any], steps: int) -> Arrays:
+        """What the reply carries, given the trained state dict and the number of steps (default: the
+        state dict)."""
+        return trained
 
     # -- server -------------------------------------------------------------------------------
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
+                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         weights = example_weights([r.metrics["num-examples"] for r in replies])
         new_state = weighted_average([r.arrays for r in replies], weights)
         return new_state, {"weights": weights}

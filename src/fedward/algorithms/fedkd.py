@@ -17,6 +17,7 @@ adds the identical term to both losses, doubling its gradient), KL is the batch 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,16 +25,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, Workspace, to_cpu
+from fedward.algorithms.base import Arrays, ClientReply, Epochs, ServerMessage, Workspace, to_cpu
 from fedward.algorithms.compression import compress, compressed_names, decompress
-from fedward.algorithms.heterogeneous import SharedModelMethod, train_stage
+from fedward.algorithms.heterogeneous import SharedModelMethod, SharedModelOptions, train_stage
+from fedward.algorithms.registry import register_method
 from fedward.data.types import ClientData
 from fedward.losses import distillation_kl
 from fedward.models.registry import init_weights
+from fedward.options import OPEN_UNIT, option
 
 
+@dataclass
+class FedKDOptions(SharedModelOptions, Epochs):
+    fedkd_energy_start: float = option(0.95, "fraction of SVD energy kept in round 1 (1: no compression)",
+                                       check=OPEN_UNIT)
+    fedkd_energy_end: float = option(0.98, "fraction of SVD energy kept in the last round", check=OPEN_UNIT)
+
+
+@register_method
 class FedKD(SharedModelMethod):
     name = "fedkd"
+    summary = "FedKD: mentor (local) and mentee (shared) with adaptive distillation, SVD-compressed messages"
+    Options = FedKDOptions
     default_grad_clip = 10.0  # HtFLlib's clip_grad_norm_(..., 10)
 
     def energy(self, round_index: int) -> float:
@@ -42,11 +55,12 @@ class FedKD(SharedModelMethod):
         return start + (round_index - 1) / self.cfg.comm_round * (end - start)
 
     # -- server -------------------------------------------------------------------------------
-    def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
+    def server_message(self, round_index: int, global_state: Arrays, server_state: dict[str, Any]) -> ServerMessage:
         return ServerMessage(round=round_index, arrays=compress(global_state, self.energy(round_index)),
                              config={"total-rounds": self.cfg.comm_round})
 
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
+                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         weights = example_weights([r.metrics["num-examples"] for r in replies])
         states = [decompress(r.arrays, global_state) for r in replies]
         return weighted_average(states, weights), {"weights": weights}

@@ -23,6 +23,7 @@ instead of f(aug(x)) on every batch.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from fedward.algorithms.aggregate import example_weights, weighted_average
 from fedward.algorithms.base import (
     Arrays,
     ClientReply,
+    LocalTraining,
     ServerMessage,
     Workspace,
     examples_seen,
@@ -39,8 +41,11 @@ from fedward.algorithms.base import (
     training_batches,
 )
 from fedward.algorithms.fedavg import FedAvg
+from fedward.algorithms.registry import register_method
 from fedward.algorithms.mas import ClassDivergence, alignment_loss, mas_drw_weights, mas_weights, robust_factor
 from fedward.data.types import ClientData
+from fedward.errors import ConfigError
+from fedward.options import NON_NEGATIVE, option
 from fedward.losses import build_loss
 from fedward.seeding import torch_generator
 
@@ -49,8 +54,61 @@ LOCAL_HEADS = {"both": (), "free": ("fc.",), "global": ("p_free.", "fc_free.")}
 CLIP_NORM = 5.0
 
 
+@dataclass
+class FedMASOptions(LocalTraining):
+    free_u: float = option(0.0, "prior-alignment weight lambda_f; 0 switches the divergence to the supervised loss",
+                           check=NON_NEGATIVE, reference=True)
+    pre_trained_models: str | None = option(None, "the prior: moco, IMAGENET1K_V1, 18_img, mix, auto (moco if present, "
+                                                  "else a self-trained prior), random, or a checkpoint file")
+    prior_path: str | None = option(None, "the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<its file name>)")
+    prior_bn_drift: bool = option(False, "reproduce the reference's quirk: the prior's BatchNorm statistics drift in "
+                                         "round 0")
+    cache_prior_features: bool = option(False, "approximation, off by default: align to the prior's features of the "
+                                               "un-augmented images, computed once per client, instead of a prior "
+                                               "forward on every batch")
+    update_projector_head: str = option("both", "which heads a client takes from the global model: both, free, global",
+                                        choices=("both", "free", "global"), reference=True)
+    # Case-insensitive, so the reference README's --aggregate_method='MAS' works (the reference crashes on it).
+    aggregate_method: str = option("avg", "server aggregation: avg, mas, mas_inv, mas_DRW (any case)",
+                                   choices=("avg", "mas", "mas_inv", "mas_drw"), lower=True, reference=True)
+
+
+@register_method
 class FedMAS(FedAvg):
     name = "fedmas"
+    summary = "Fed-MAS (Elbatel et al. 2023): alignment to a frozen self-supervised prior, MAS aggregation"
+    Options = FedMASOptions
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.pre_trained_models is None:
+            raise ConfigError("--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, mix, auto, random, "
+                              "or a checkpoint file")
+        if cfg.cache_prior_features and cfg.prior_bn_drift:
+            raise ConfigError("--cache_prior_features needs a fixed prior; --prior_bn_drift changes it in round 1")
+        if cfg.pre_trained_models == "mix" and cfg.prior_path:
+            raise ConfigError("--pre_trained_models mix uses two files (moco and IMAGENET1K_V1) from the prior folder "
+                              "($FEDWARD_CACHE/priors); drop --prior_path")
+
+    @classmethod
+    def wrap_model(cls, cfg, spec, model):
+        from fedward.models.heads import PriorAlignedModel
+        from fedward.priors import prior_dim
+
+        return PriorAlignedModel(model, spec.num_classes, prior_dim(cfg.pre_trained_models, cfg.prior_path, spec.image_size))
+
+    @classmethod
+    def prepare_run(cls, cfg, spec, num_clients: int) -> None:
+        """A missing or mismatched prior file fails here, not in round 1; ``auto`` trains the
+        self-supervised prior if needed, and the run records the file."""
+        from fedward.priors import client_prior_names, load_prior, resolve_auto
+
+        if cfg.pre_trained_models == "auto":
+            load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size, progress=cfg.progress)
+            cfg.prior_path = resolve_auto(spec.image_size, cfg.prior_path)
+        for name in sorted(set(client_prior_names(cfg.pre_trained_models, num_clients, cfg.seed))):
+            path = None if cfg.pre_trained_models == "mix" else cfg.prior_path
+            load_prior(name, prior_path=path, image_size=spec.image_size)
 
     def prior_name(self, client_id: int) -> str:
         """The prior this client aligns to (``mix`` gives clients different ones)."""
@@ -183,7 +241,8 @@ class FedMAS(FedAvg):
             metrics[f"divergence-during-{c}"] = float(w_hat[c])
         return ClientReply(client_id=client.client_id, arrays=arrays, metrics=metrics)
 
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
+                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         method = self.cfg.aggregate_method
         counts = [r.metrics["num-examples"] for r in replies]
         factors = [r.metrics["robust-factor"] for r in replies]

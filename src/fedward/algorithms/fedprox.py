@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedward.algorithms.base import ServerMessage, Workspace
+from fedward.algorithms.base import LocalTraining, ServerMessage, Workspace
 from fedward.algorithms.fedavg import ExtraLossFn, FedAvg
+from fedward.algorithms.registry import register_method
+from fedward.options import NON_NEGATIVE, option
 
 
 def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
@@ -18,8 +21,16 @@ def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor], mu: f
     return 0.5 * mu * total
 
 
+@dataclass
+class FedProxOptions(LocalTraining):
+    mu: float = option(0.45, "proximal coefficient (reference default 0.45)", check=NON_NEGATIVE)
+
+
+@register_method
 class FedProx(FedAvg):
     name = "fedprox"
+    summary = "FedProx (Li et al. 2020): FedAvg + (mu/2)||theta - theta_global||^2"
+    Options = FedProxOptions
 
     def extra_loss_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ExtraLossFn | None:
         if self.cfg.mu == 0:

@@ -15,18 +15,31 @@ gradient clip of 10 is kept (``--grad_clip`` overrides it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu
-from fedward.algorithms.heterogeneous import SharedModelMethod, train_stage
+from fedward.algorithms.base import Epochs
+from fedward.algorithms.heterogeneous import SharedModelMethod, SharedModelOptions, train_stage
+from fedward.algorithms.registry import register_method
+from fedward.options import UNIT_INTERVAL, option
 from fedward.data.types import ClientData
 from fedward.losses import distillation_kl
 
 
+@dataclass
+class FMLOptions(SharedModelOptions, Epochs):
+    fml_alpha: float = option(0.5, "weight of CE in the local model's loss (1 - alpha on KL)", check=UNIT_INTERVAL)
+    fml_beta: float = option(0.5, "weight of CE in the shared model's loss (1 - beta on KL)", check=UNIT_INTERVAL)
+
+
+@register_method
 class FML(SharedModelMethod):
     name = "fml"
+    summary = "Federated Mutual Learning: local and shared (meme) model trained together"
+    Options = FMLOptions
     default_grad_clip = 10.0  # HtFLlib's clip_grad_norm_(..., 10)
 
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],

@@ -10,15 +10,19 @@ deliverable: it is what the engine evaluates, on the client's own splits.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.base import Algorithm, Arrays, ClientReply, ServerMessage, Workspace, to_cpu, training_batches
+from fedward.algorithms.base import (
+    Algorithm, Arrays, ClientReply, ServerMessage, Workspace, check_client_models, to_cpu, training_batches,
+)
 from fedward.data.types import ClientData, Split
 from fedward.losses import LocalLoss, build_loss
+from fedward.options import POSITIVE, at_least, option
 from fedward.seeding import torch_generator
 
 
@@ -54,22 +58,57 @@ def train_stage(ws: Workspace, split: Split, *, epochs: int, batch_size: int, ge
     return steps, float(total / max(steps, 1))
 
 
+# MH-pFLID's BreakHis clients: the default local architectures, cycled when there are more clients.
+DEFAULT_CLIENT_MODELS = ("resnet17", "resnet11", "resnet8", "resnet5")
+
+
+@dataclass
+class SharedModelOptions:
+    client_models: list[str] = option(factory=list, help="one local model per client (default: resnet17,resnet11,"
+                                                         "resnet8,resnet5, cycled over the clients)")
+    messenger_dim: int = option(512, "width D_mes of the shared messenger model", check=at_least(1))
+    local_lr: float = option(1e-4, "Adam lr of the local model (and of R/T in mhpflid, of the shared model in fml and "
+                                   "fedkd)", check=POSITIVE)
+
+
 class SharedModelMethod(Algorithm):
     """Base: broadcast the shared model every round, keep the local model in the client's state,
     average the shared model's replies (BatchNorm buffers included)."""
 
     personalised = True
+    default_overrides = {"batch_size": 8}  # the MH-pFLID seed's batch size
     default_grad_clip: float  # each method's reference clip; --grad_clip overrides it
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_client_models(cfg)
+
+    @classmethod
+    def model_builder(cls, cfg, spec):
+        from fedward.models import get_model
+
+        # The global model is the shared messenger / meme / mentee.
+        return lambda: get_model("messenger", num_classes=spec.num_classes, image_size=spec.image_size,
+                                 width=cfg.messenger_dim)
+
+    @classmethod
+    def default_client_models(cls, cfg) -> list[str]:
+        return list(DEFAULT_CLIENT_MODELS)
+
+    @property
+    def heterogeneous(self) -> bool:
+        return True
+
+    def global_model_name(self) -> str:
+        return "messenger"
 
     @property
     def grad_clip(self) -> float:
         return self.cfg.grad_clip if self.cfg.grad_clip is not None else self.default_grad_clip
 
     # -- server -------------------------------------------------------------------------------
-    def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
-        return ServerMessage(round=round_index, arrays=global_state, config={"total-rounds": self.cfg.comm_round})
-
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply]) -> tuple[Arrays, dict[str, Any]]:
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
+                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         weights = example_weights([r.metrics["num-examples"] for r in replies])
         return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
 

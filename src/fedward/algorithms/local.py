@@ -6,20 +6,36 @@ builds its own seeded initial weights, so nothing at all is exchanged."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, Workspace, to_cpu
+from fedward.algorithms.base import Arrays, ClientReply, LocalTraining, ServerMessage, Workspace, check_client_models
 from fedward.algorithms.fedavg import FedAvg
+from fedward.algorithms.registry import register_method
+from fedward.options import option
 from fedward.data.types import ClientData
 
 
+@dataclass
+class LocalOptions(LocalTraining):
+    client_models: list[str] = option(factory=list, help="one local model per client, e.g. resnet17,resnet11,resnet8,"
+                                                         "resnet5 (default: --model for every client)")
+
+
+@register_method
 class Local(FedAvg):
     name = "local"
+    summary = "every hospital alone (the lower bound); its models are the deliverable"
+    Options = LocalOptions
     personalised = True
 
-    def server_message(self, round_index: int, global_state: Arrays) -> ServerMessage:
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_client_models(cfg)
+
+    def server_message(self, round_index: int, global_state: Arrays, server_state) -> ServerMessage:
         # Only the first round carries the (data-free) initial weights, so all clients start equal.
         arrays = global_state if round_index == 1 and not self.heterogeneous else {}
         return ServerMessage(round=round_index, arrays=arrays, config={"total-rounds": self.cfg.comm_round})
@@ -44,7 +60,7 @@ class Local(FedAvg):
     def local_model_state(self, reply: ClientReply, state: dict[str, Any]) -> Arrays | None:
         return state.get("model")
 
-    def aggregate(self, round_index, global_state, replies):
+    def aggregate(self, round_index, global_state, replies, server_state):
         return global_state, {}
 
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:

@@ -24,6 +24,7 @@ public reproduction, whose bugs fedward does not inherit:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedward.algorithms.base import ClientReply, ServerMessage, Workspace, to_cpu
-from fedward.algorithms.heterogeneous import SharedModelMethod, train_stage
+from fedward.algorithms.heterogeneous import SharedModelMethod, SharedModelOptions, train_stage
+from fedward.algorithms.registry import register_method
 from fedward.data.types import ClientData
 from fedward.losses import distillation_kl
-from fedward.models.messenger import build_fusion
+from fedward.models.messenger import FUSIONS, build_fusion
+from fedward.options import NON_NEGATIVE, POSITIVE, option
 
 
 def pooled_logits(model, feature_map: torch.Tensor) -> torch.Tensor:
@@ -53,8 +56,37 @@ class MessengerPath(nn.Module):
         return self.messenger.classify_tokens(self.receiver(self.messenger.feature_map(x), self.local.feature_map(x)))
 
 
+@dataclass
+class MHpFLIDOptions(SharedModelOptions):
+    injection_epochs: int = option(4, "injection epochs per round (messenger frozen; local model and R learn)",
+                                   check=NON_NEGATIVE)
+    distillation_epochs: int = option(1, "distillation epochs per round (local model frozen; messenger and T learn)",
+                                      check=NON_NEGATIVE)
+    messenger_lr: float = option(1e-5, "Adam lr of the messenger during distillation", check=POSITIVE)
+    lambda_inj_local: float = option(0.9, "weight of the local model's CE in the injection loss", check=NON_NEGATIVE)
+    lambda_inj_messenger: float = option(0.1, "weight of the messenger-path CE (through R) in the injection loss",
+                                         check=NON_NEGATIVE)
+    lambda_dis_messenger: float = option(0.9, "weight of the messenger CE (through T) in the distillation loss",
+                                         check=NON_NEGATIVE)
+    lambda_dis_kl: float = option(0.1, "weight of KL(local || messenger) in the distillation loss", check=NON_NEGATIVE)
+    kd_temperature: float = option(1.0, "distillation temperature", check=POSITIVE)
+    mhpflid_fusion: str = option("attention", "R/T: attention (the paper), add (ablation: 1x1-conv feature addition), "
+                                              "none (ablation)", choices=FUSIONS, lower=True)
+
+
+@register_method
 class MHpFLID(SharedModelMethod):
     name = "mhpflid"
+    summary = "MH-pFLID (Xie et al. 2024): per-client models, a shared messenger, injection and distillation"
+    Options = MHpFLIDOptions
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.injection_epochs + cfg.distillation_epochs < 1:
+            from fedward.errors import ConfigError
+
+            raise ConfigError("--injection_epochs and --distillation_epochs are both 0: an mhpflid round would train nothing")
     default_grad_clip = 1.0  # the reproduction's clip_grad_norm_(..., 1.0)
 
     def fusion(self, ws: Workspace, client: ClientData, state: dict[str, Any], role: str):

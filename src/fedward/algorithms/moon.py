@@ -11,13 +11,16 @@ and the global and previous models run in eval mode under no_grad (frozen target
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fedward.algorithms.base import ServerMessage, Workspace, to_cpu
+from fedward.algorithms.base import LocalTraining, ServerMessage, Workspace, to_cpu
 from fedward.algorithms.fedavg import ExtraLossFn, ForwardFn, FedAvg
+from fedward.algorithms.registry import register_method
+from fedward.options import NON_NEGATIVE, POSITIVE, at_least, option
 
 
 def model_contrastive_loss(z: torch.Tensor, z_global: torch.Tensor, z_previous: torch.Tensor,
@@ -29,9 +32,25 @@ def model_contrastive_loss(z: torch.Tensor, z_global: torch.Tensor, z_previous: 
     return F.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long, device=z.device))
 
 
+@dataclass
+class MoonOptions(LocalTraining):
+    mu: float = option(0.45, "weight of the model-contrastive loss (the reference's --mu)", check=NON_NEGATIVE)
+    temperature: float = option(0.5, "temperature of the model-contrastive loss", check=POSITIVE)
+    moon_proj_dim: int = option(256, "projection width", check=at_least(1))
+
+
+@register_method
 class Moon(FedAvg):
     name = "moon"
+    summary = "MOON (Li, He and Song 2021): FedAvg + model-contrastive loss on a projection head"
+    Options = MoonOptions
     default_grad_clip = 5.0
+
+    @classmethod
+    def wrap_model(cls, cfg, spec, model):
+        from fedward.models.heads import ProjectionModel
+
+        return ProjectionModel(model, spec.num_classes, proj_dim=cfg.moon_proj_dim)
 
     def forward_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ForwardFn:
         def forward(model, images):

@@ -1,31 +1,31 @@
 """Data sets, partitions, augmentation and loaders.
 
 Every data-set module exports the same names (FLamby style): ``NAME``, ``NUM_CLIENTS``,
-``NUM_CLASSES``, ``CLASS_NAMES``, ``CLIENT_NAMES`` and ``load(**kwargs) -> FederatedData``, so
-swapping a data set is one line.
+``NUM_CLASSES``, ``CLASS_NAMES``, ``CLIENT_NAMES``, ``Options``, ``load(**kwargs) -> FederatedData``,
+and registers ``from_config(cfg)`` with :func:`register_dataset`, so swapping a data set is one
+line (``--dataset NAME``) and a new data set is one module.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from fedward.data import breakhis, fed_isic2019, folders, medmnist, synthetic, synthetic_multires
+from fedward.data.registry import DATASETS, DatasetEntry, get_dataset, list_datasets, register_dataset
 from fedward.data.types import ClientData, FederatedData, Split
-from fedward.errors import ConfigError
+from fedward.data import breakhis, fed_isic2019, folders, medmnist, synthetic, synthetic_multires  # noqa: E402  (registers)
 
-DATASETS: dict[str, ModuleType] = {module.NAME: module for module in (synthetic, synthetic_multires, fed_isic2019, breakhis, medmnist, folders)}
+MODULES: dict[str, ModuleType] = {m.NAME: m for m in (synthetic, synthetic_multires, fed_isic2019, breakhis, medmnist, folders)}
 
-__all__ = ["DATASETS", "ClientData", "FederatedData", "Split", "get_dataset_module", "load_federated"]
+__all__ = ["DATASETS", "ClientData", "DatasetEntry", "FederatedData", "Split", "get_dataset", "get_dataset_module",
+           "list_datasets", "load_federated", "register_dataset"]
 
 
 def get_dataset_module(name: str) -> ModuleType:
-    """The data-set module registered as ``name``."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown data set {name!r}; expected one of {', '.join(sorted(DATASETS))}") from None
+    """The built-in data-set module registered as ``name``."""
+    get_dataset(name)
+    return MODULES[name]
 
 
 def load_federated(name: str, **kwargs) -> FederatedData:
-    """Load the data set registered as ``name`` with its ``load(**kwargs)``."""
+    """Load the built-in data set ``name`` with its module's ``load(**kwargs)``."""
     return get_dataset_module(name).load(**kwargs)

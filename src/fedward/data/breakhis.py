@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,8 @@ from fedward.data.synthetic_multires import (
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
 from fedward.seeding import numpy_generator
+from fedward.data.registry import BreakHisLabels, ImageFiles, register_dataset
+from fedward.options import option
 
 NAME = "breakhis"
 NUM_CLASSES = 2
@@ -288,3 +291,21 @@ def load(
         "magnification_ids": magnification_info,
     }
     return FederatedData(NAME, len(class_names), class_names, image_size, clients, info=info)
+
+
+@dataclass
+class Options(BreakHisLabels, ImageFiles):
+    magnifications: list[str] = option(factory=lambda: list(MAGNIFICATIONS),
+                                       help="magnifications to read (default all four, pooled, as the reproduction)")
+    group_by: str = option("patient", "split grouping, patient (default) or patient_magnification (the reproduction's, "
+                                      "which lets a patient be in train and test at different magnifications)",
+                           choices=("patient", "patient_magnification"))
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=True, partitionable=False, splits_clients=True)
+def from_config(cfg) -> FederatedData:
+    """BreakHis from --data_dir: 4 clients at x1/x2/x4/x8"""
+    return load(data_dir=cfg.data_dir, image_size=cfg.image_size, magnifications=cfg.magnifications,
+                labels=cfg.label_set, shared_images=cfg.shared_images, group_by=cfg.group_by,
+                val_fraction=cfg.val_fraction, seed=cfg.data_seed, skip_bad_images=cfg.skip_bad_images,
+                progress=cfg.progress)

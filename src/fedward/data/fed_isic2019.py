@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
 from fedward.seeding import numpy_generator
+from fedward.data.registry import ImageFiles, register_dataset
+from fedward.options import option
 
 NAME = "fed_isic2019"
 NUM_CLIENTS = 6
@@ -258,3 +261,15 @@ def load(
         noun = "image" if len(decoded.bad) == 1 else "images"
         warnings.warn(f"{NAME}: skipped {len(decoded.bad)} unreadable {noun} (first: {info['bad_images'][0]})", RuntimeWarning, stacklevel=2)
     return FederatedData(NAME, NUM_CLASSES, list(CLASS_NAMES), image_size, clients, info=info)
+
+
+@dataclass
+class Options(ImageFiles):
+    fold: int = option(1, "data fold (the reference ships fold 1 only)", check=(lambda v: v >= 1, "at least 1"))
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=True)
+def from_config(cfg) -> FederatedData:
+    """Fed-ISIC2019 from --data_dir, FLamby or Fed-MAS layout"""
+    return load(data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.data_seed,
+                fold=cfg.fold, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)

@@ -25,6 +25,7 @@ image is decoded once (shorter side to ``image_size``, centre crop) through the 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -33,6 +34,7 @@ from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
 from fedward.seeding import numpy_generator
+from fedward.data.registry import ImageFiles, register_dataset
 
 NAME = "folders"
 # Clients and classes are discovered from the folders at load time; see the returned FederatedData.
@@ -181,3 +183,15 @@ def load(
         noun = "image" if len(decoded.bad) == 1 else "images"
         warnings.warn(f"{NAME}: skipped {len(decoded.bad)} unreadable {noun} (first: {bad[0]})", RuntimeWarning, stacklevel=2)
     return FederatedData(NAME, num_classes, class_names, image_size, clients, info=info)
+
+
+@dataclass
+class Options(ImageFiles):
+    pass
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=True)
+def from_config(cfg) -> FederatedData:
+    """per-hospital image folders from --data_dir: <client>/<train|val|test>/<class>/*"""
+    return load(data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.data_seed,
+                skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)

@@ -27,6 +27,7 @@ Splits:
 from __future__ import annotations
 
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from fedward.data.partition import carve_validation, partition_indices
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
 from fedward.seeding import numpy_generator
+from fedward.data.registry import register_dataset
+from fedward.options import option
 
 NAME = "medmnist"
 # The client count, class count and class names depend on the arguments of ``load`` (``num_clients``
@@ -241,3 +244,18 @@ def load(
     }
     class_names = [str(c) for c in range(num_classes)]
     return FederatedData(NAME, num_classes, class_names, image_size, clients, info=info)
+
+
+@dataclass
+class Options:
+    data_flag: str = option("dermamnist", "the <flag>.npz file to read in --data_dir (dermamnist, pathmnist, ...)")
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=True, splits_clients=True)
+def from_config(cfg) -> FederatedData:
+    """MedMNIST <flag>.npz from --data_dir, split over --client_number clients"""
+    # MedMNIST has no natural clients: the loader splits the official train set itself.
+    method = {"natural": "dirichlet", "homo": "iid"}.get(cfg.partition_method, cfg.partition_method)
+    return load(data_dir=cfg.data_dir, flag=cfg.data_flag, image_size=cfg.image_size,
+                num_clients=cfg.client_number or 4, partition=method, alpha=cfg.partition_alpha, seed=cfg.data_seed,
+                classes_per_client=cfg.classes_per_client)

@@ -21,6 +21,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from fedward.data.partition import carve_validation, round_half_up
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError
 from fedward.seeding import numpy_generator, torch_generator
+from fedward.data.registry import ValidationSplit, register_dataset
+from fedward.options import option
 
 NAME = "synthetic"
 NUM_CLIENTS = 6
@@ -406,3 +409,17 @@ def public_split(*, seed: int = 0, image_size: int = 32, count: int = 3072, **di
         parts = [generate_split(seed, centre, "public", per_cell, image_size, knobs, modes, mixtures)
                  for centre in range(NUM_CLIENTS)]
     return Split.concat(parts)
+
+
+@dataclass
+class Options(ValidationSplit):
+    data_scale: float = option(0.2, "fraction of Fed-ISIC2019's per-centre counts the synthetic set generates",
+                               check=(lambda v: 0 < v <= 1, "in (0, 1]"))
+    fold: int = option(1, "data fold (one fold, 1, as the reference code ships)",
+                       check=(lambda v: v == 1, "1: the synthetic data set has a single fold, as the reference code"))
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=False)
+def from_config(cfg) -> FederatedData:
+    """built in: Fed-ISIC2019's six centres and eight classes, synthetic images (the default)"""
+    return load(seed=cfg.data_seed, image_size=cfg.image_size, scale=cfg.data_scale, val_fraction=cfg.val_fraction)

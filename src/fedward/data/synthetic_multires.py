@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,8 @@ from fedward.data.synthetic import (
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError
 from fedward.seeding import numpy_generator, torch_generator
+from fedward.data.registry import BreakHisLabels, ValidationSplit, register_dataset
+from fedward.options import POSITIVE, option
 
 NAME = "synthetic_multires"
 NUM_CLIENTS = 4
@@ -333,3 +336,15 @@ def load(
             "difficulty": knobs, "cache_file": str(path), "patient_subtypes": subtypes.tolist(),
             "patients": patients_info, "views": views_info}  # fmt: skip
     return FederatedData(NAME, len(class_names), class_names, image_size, clients, info=info)
+
+
+@dataclass
+class Options(BreakHisLabels, ValidationSplit):
+    patients_scale: float = option(4.0, "synthetic patients per BreakHis patient (82 x scale patients)", check=POSITIVE)
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=False)
+def from_config(cfg) -> FederatedData:
+    """built in, BreakHis-like: 4 clients at x1/x2/x4/x8 resolution (for mhpflid)"""
+    return load(seed=cfg.data_seed, image_size=cfg.image_size, patients_scale=cfg.patients_scale, labels=cfg.label_set,
+                shared_images=cfg.shared_images, val_fraction=cfg.val_fraction)

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
-
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
-from fedward.config import RunConfig, client_architectures
+from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions, predict
+from fedward.engine.rounds import Outcome, RoundLoop
 from fedward.engine.setup import (
     configure_threads,
     initial_global_state,
@@ -135,34 +134,9 @@ class Simulation:
                                    for name in ("val", "test") if len(getattr(client, name))}
                 for client in self.data.clients}
 
-    def global_rows(self, round_index: int, global_state) -> list[dict[str, Any]]:
-        return global_rows(self.spec.num_classes, round_index, self.global_predictions(global_state))
-
     def _predict(self, model, split) -> Predictions:
         return predict(model, split, device=self.device, mean=self.spec.mean, std=self.spec.std,
                        batch_size=self.cfg.eval_batch_size)
-
-
-def global_rows(num_classes: int, round_index: int,
-                predictions: dict[int, dict[str, Predictions]]) -> list[dict[str, Any]]:
-    """Rows of the global model on every client's val and test splits, and on their union (pooled
-    rows reuse the per-client predictions: one forward pass per image). A Flower server builds the
-    same rows from the confusion matrices its nodes send."""
-    rows = []
-    for split_name in ("val", "test"):
-        parts = []
-        for client_id in sorted(predictions):
-            pred = predictions[client_id].get(split_name)
-            if pred is None:
-                continue
-            parts.append(pred)
-            rows.append(pred.row(num_classes, round=round_index, scope="server", client=client_id, model="global",
-                                 data="client", split=split_name))
-        if parts:
-            rows.append(Predictions.concat(parts).row(
-                num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
-                client=None, model="global", data="pooled", split=split_name))
-    return rows
 
 
 class _Normalize:
@@ -182,18 +156,10 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
 
     resolve_devices(cfg)
     data = load_data(cfg)
-    client_architectures(cfg, data.num_clients)  # one --client_models entry per client
     spec = task_spec(data)
+    algorithm = get_algorithm(cfg.method)
+    algorithm.prepare_run(cfg, spec, data.num_clients)
     initial_global_state(cfg, model_builder(cfg, spec))
-    if cfg.method == "fedmas":  # a missing or mismatched prior file fails here, not in round 1
-        from fedward.priors import client_prior_names, load_prior, resolve_auto
-
-        if cfg.pre_trained_models == "auto":  # trains the self-supervised prior if needed; the run records the file
-            load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size, progress=cfg.progress)
-            cfg.prior_path = resolve_auto(spec.image_size, cfg.prior_path)
-        for name in sorted(set(client_prior_names(cfg.pre_trained_models, data.num_clients, cfg.seed))):
-            path = None if cfg.pre_trained_models == "mix" else cfg.prior_path
-            load_prior(name, prior_path=path, image_size=spec.image_size)
     if not cfg.output:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}")
@@ -203,10 +169,30 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
     return run_dir, data
 
 
-def evaluation_round(cfg: RunConfig, round_index: int) -> bool:
-    if round_index == cfg.comm_round:
-        return True
-    return cfg.eval_every > 0 and round_index % cfg.eval_every == 0
+class SimulationClients:
+    """The clients of an in-process run: an executor runs their updates, their states stay here."""
+
+    def __init__(self, sim: Simulation, executor, client_states: list[dict[str, Any]], progress: bool):
+        self.sim, self.executor, self.states, self.progress = sim, executor, client_states, progress
+
+    def client_ids(self) -> list[int]:
+        return [c.client_id for c in self.sim.training_clients]
+
+    def train(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
+        tasks = [ClientTask(round_index, k, message, self.states[k]) for k in client_ids]
+        results = self.executor.run(tasks, evaluate_local=evaluate_local, progress=self.progress)
+        for result in results:
+            self.states[result.reply.client_id] = result.state
+        return [Outcome(r.reply.client_id, r.reply, r.rows) for r in results]
+
+    def evaluate(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
+        return self.sim.global_predictions(global_state)
+
+    def client_states(self) -> list[dict[str, Any]]:
+        return self.states
+
+    def min_replies(self, selected: int) -> int:
+        return selected  # in one process every client answers; a rejected reply stops the run
 
 
 def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = None, resume: bool = False,
@@ -231,71 +217,24 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
         global_state, notices = initial_global_state(cfg, sim.build_model)
         for line in notices:
             notice(line)
-        start_round, client_states, server_state = 0, [{} for _ in range(n_clients)], {}
+        start_round, client_states = 0, [{} for _ in range(n_clients)]
+        server_state = algorithm.initial_server_state(global_state)
 
     executor = make_executor(cfg, data, devices, sim)
     if len(devices) == 1:
         configure_threads(1, cfg.threads)
-    evaluate_local = cfg.validate_client or algorithm.personalised
-    rounds = tqdm(range(start_round + 1, cfg.comm_round + 1), desc=f"{cfg.method} rounds", unit="round",
-                  initial=start_round, total=cfg.comm_round, disable=not cfg.progress, dynamic_ncols=True)
-    saver = ckpt.BackgroundSaver()
+    clients = SimulationClients(sim, executor, client_states, cfg.progress)
+    loop = RoundLoop(cfg, algorithm, sim.spec, run_dir, clients, log=notice, progress=cfg.progress)
     try:
-        for round_index in rounds:
-            t0 = time.perf_counter()
-            message = algorithm.server_message(round_index, global_state)
-            tasks = [ClientTask(round_index, k, message, client_states[k]) for k in range(n_clients)]
-            results = executor.run(tasks, evaluate_local=evaluate_local and evaluation_round(cfg, round_index),
-                                   progress=cfg.progress)
-            results.sort(key=lambda r: r.reply.client_id)  # aggregation order is fixed, whatever finished first
-            for k, result in enumerate(results):
-                client_states[k] = result.state
-            replies = [r.reply for r in results]
-            global_state, info = algorithm.aggregate(round_index, global_state, replies)
-            train_seconds = time.perf_counter() - t0
-            rows: list[dict[str, Any]] = []
-            for result in results:
-                rows.extend(result.rows)
-            if "weights" in info:
-                rows.append(_aggregation_row(round_index, replies, info))
-            if not algorithm.personalised and evaluation_round(cfg, round_index):
-                rows.extend(sim.global_rows(round_index, global_state))
-            run_dir.log_rows(rows)
-            if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
-                saver.submit(run_dir, round=round_index, global_state=global_state, client_states=list(client_states),
-                             server_state=dict(server_state), num_classes=sim.spec.num_classes)
-            rounds.set_postfix(_postfix(rows, train_seconds))
-            if on_round_end is not None:
-                on_round_end(round_index)
+        global_state = loop.run(start_round, global_state, server_state, on_round_end=on_round_end)
     finally:
-        saver.wait()
         executor.close()
-        rounds.close()
     return finish(cfg, run_dir, sim, global_state, client_states)
 
 
-def _aggregation_row(round_index: int, replies: list[ClientReply], info: dict[str, Any]) -> dict[str, Any]:
-    row = {"round": round_index, "scope": "aggregation", "clients": [r.client_id for r in replies],
-           "weights": [float(w) for w in info["weights"]]}
-    for key in replies[0].metrics:
-        row[key.replace("-", "_")] = [float(r.metrics[key]) for r in replies]
-    for key, value in info.items():
-        if key != "weights":
-            row[key] = value
-    return row
-
-
-def _postfix(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
-    out = {"train s": f"{seconds:.1f}"}
-    for row in rows:
-        if row.get("scope") == "server" and row.get("data") == "pooled" and row.get("split") == "test":
-            out["test BA"] = f"{row['balanced_accuracy']:.3f}"
-    return out
-
-
-def model_meta(cfg: RunConfig, spec: TaskSpec) -> dict[str, Any]:
-    """What a saved model file records next to its weights."""
-    return {"model": cfg.model, "method": cfg.method, "num_classes": spec.num_classes, "image_size": spec.image_size,
+def model_meta(cfg: RunConfig, spec: TaskSpec, model: str) -> dict[str, Any]:
+    """What a saved model file records next to its weights (``model``: its registry name)."""
+    return {"model": model, "method": cfg.method, "num_classes": spec.num_classes, "image_size": spec.image_size,
             "class_names": spec.class_names, "mean": list(spec.mean), "std": list(spec.std)}
 
 
@@ -305,8 +244,8 @@ def client_model_payload(cfg: RunConfig, spec: TaskSpec, algorithm: Algorithm, c
     local = algorithm.local_model_state(ClientReply(client_id, {}, {}), state)
     if local is None:
         return None
-    model = algorithm.client_architecture(client_id) if algorithm.heterogeneous else cfg.model
-    return {**model_meta(cfg, spec), "model": model, "client": client_id, "state_dict": local}
+    model = algorithm.client_architecture(client_id) if algorithm.heterogeneous else algorithm.global_model_name()
+    return {**model_meta(cfg, spec, model), "client": client_id, "state_dict": local}
 
 
 def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
@@ -320,7 +259,7 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
             if payload is not None:
                 torch.save(payload, run_dir.client_model_path(k))
     else:
-        torch.save({**model_meta(cfg, sim.spec), "state_dict": global_state}, run_dir.final_model_path)
+        torch.save({**model_meta(cfg, sim.spec, sim.algorithm.global_model_name()), "state_dict": global_state}, run_dir.final_model_path)
     summary = summarize(run_dir.read_rows())
     run_dir.write_results(summary)
     write_report(run_dir)

@@ -121,7 +121,7 @@ class NodeStateStore:
 
 def load_node_data(cfg: RunConfig, settings: NodeSettings) -> FederatedData:
     """This node's client only, with its federation index as ``client_id``."""
-    node_cfg = replace(cfg, data_dir=settings.data_dir or cfg.data_dir, progress=False)
+    node_cfg = cfg.updated(data_dir=settings.data_dir or cfg.data_dir, progress=False)
     data = load_data(node_cfg)
     k = settings.client_id
     if data.num_clients == 1:  # the hospital's own data
@@ -142,7 +142,7 @@ class NodeRuntime:
     """
 
     def __init__(self, cfg: RunConfig, settings: NodeSettings):
-        self.cfg = replace(cfg, prior_path=settings.prior_path or cfg.prior_path)
+        self.cfg = cfg.updated(prior_path=settings.prior_path) if settings.prior_path and cfg.has("prior_path") else cfg
         self.settings = settings
         self.data = load_node_data(self.cfg, settings)
         self.client = self.data.clients[0]

@@ -26,15 +26,15 @@ from typing import Any, Callable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedward.algorithms import Algorithm, ClientReply, TaskSpec, get_algorithm
+from fedward.algorithms import Algorithm, TaskSpec, get_algorithm
 from fedward.algorithms.base import Arrays
 from fedward.config import RunConfig
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions
+from fedward.engine.rounds import Outcome, RoundLoop
 from fedward.engine.setup import initial_global_state, model_builder, notice
-from fedward.engine.simulation import _aggregation_row, evaluation_round, finish, global_rows
+from fedward.engine.simulation import finish
 from fedward.errors import ConfigError, FedwardError
-from fedward.flower.checks import reply_problem
 from fedward.flower.records import (
     ARRAYS, CONFIG, decode_facts, decode_reply, decode_report, encode_server_message, spec_to_json, summary_of,
     to_array_record,
@@ -93,8 +93,9 @@ class Coordinator:
     """Runs one fedward method over the nodes a Flower ``Grid`` reaches."""
 
     def __init__(self, grid, cfg: RunConfig, settings: ServerSettings, log: Callable[[str], None] = notice):
-        if cfg.method == "centralized":
-            raise ConfigError("--method centralized pools every hospital's data on one machine: it has no Flower deployment")
+        if get_algorithm(cfg.method).centralized:
+            raise ConfigError(f"--method {cfg.method} pools every hospital's data on one machine: it has no Flower "
+                              "deployment")
         self.grid, self.cfg, self.settings, self.log = grid, cfg, settings, log
         self.by_node: dict[int, Participant] = {}
         self.refused: dict[int, float] = {}  # node id -> when its handshake failed (retried after join_timeout)
@@ -225,8 +226,9 @@ class Coordinator:
         return self.settings.min_clients or self.num_clients
 
     # -- the run ----------------------------------------------------------------------------
-    def open_run(self) -> tuple[int, Arrays]:
-        """Handshake, task facts, method, run directory; the round to start after and its state."""
+    def open_run(self) -> tuple[int, Arrays, dict[str, Any]]:
+        """Handshake, task facts, method, run directory; the round to start after, the global model
+        and the server state."""
         cfg, path = self.cfg, Path(self.settings.run_dir)
         saved: dict[str, Any] | None = None
         if self.settings.resume:
@@ -253,7 +255,7 @@ class Coordinator:
             checkpoint = ckpt.load(self.run_dir, expected_num_classes=self.spec.num_classes)
             self.run_dir.truncate_rounds_after(checkpoint["round"])
             self.log(f"resuming {path} after round {checkpoint['round']} of {cfg.comm_round}")
-            return checkpoint["round"], checkpoint["global_state"]
+            return checkpoint["round"], checkpoint["global_state"], checkpoint["server_state"]
         global_state, notices = initial_global_state(cfg, build)
         for line in notices:
             self.log(line)
@@ -267,64 +269,54 @@ class Coordinator:
         atomic_write_text(path / FLOWER_FILE, json.dumps({
             "run_key": self.run_key, "num_clients": self.num_clients, "reference_facts": self.reference_facts,
             "spec": asdict(self.spec)}, indent=1))
-        return 0, global_state
+        return 0, global_state, self.algorithm.initial_server_state(global_state)
 
-    def participants(self, round_index: int) -> list[Participant]:
-        self.wait_for(lambda: len(self.clients()), lambda: self.min_clients, f"round {round_index}")
-        return sorted(self.clients().values(), key=lambda p: p.client_id)
+    # -- the Clients of the round loop ------------------------------------------------------------
+    def client_ids(self) -> list[int]:
+        return list(range(self.num_clients))
 
-    def train_round(self, round_index: int, global_state: Arrays, evaluate_local: bool) -> tuple[Arrays, list[dict]]:
-        algorithm = self.algorithm
-        participants = self.participants(round_index)
-        message = algorithm.server_message(round_index, global_state)
+    def min_replies(self, selected: int) -> int:
+        return min(self.settings.min_clients or selected, selected)
+
+    def client_states(self) -> list[dict[str, Any]]:
+        return []  # each client's state is on its node
+
+    def train(self, round_index: int, message, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
+        wanted = set(client_ids)
+        self.wait_for(lambda: len(wanted & set(self.clients())), lambda: self.min_replies(len(wanted)),
+                      f"round {round_index}")
+        connected = self.clients()
+        outcomes = [Outcome(k, None, status="dropped", reason="not connected") for k in sorted(wanted - set(connected))]
+        participants = [connected[k] for k in sorted(wanted & set(connected))]
         content = encode_server_message(message, {"spec": spec_to_json(self.spec), "run-key": self.run_key,
                                                   "evaluate-local": evaluate_local})
         answers = self.exchange({p.node_id: content for p in participants}, "train", f"round-{round_index}",
                                 self.settings.round_timeout)
-        accepted: list[tuple[ClientReply, list[dict]]] = []
-        rows: list[dict[str, Any]] = []
         for p in participants:
             answer = answers[p.node_id]
-            status, reason = "dropped", self.failure(answer)
-            if reason is None:
-                status = "rejected"
+            outcome = Outcome(p.client_id, None, status="dropped", reason=self.failure(answer), node=p.node_id)
+            if outcome.reason is None:
                 self.audit(round_index, "train", p, answer.content)
+                outcome.status = "rejected"
                 try:
                     reply, report = decode_reply(answer.content)
                 except (KeyError, TypeError, ValueError) as err:
-                    reason = f"malformed reply ({type(err).__name__}: {err})"
+                    outcome.reason = f"malformed reply ({type(err).__name__}: {err})"
                 else:
                     if reply.client_id != p.client_id:
-                        reason = f"the reply names client {reply.client_id}"
-                    else:
-                        reason = reply_problem(algorithm, reply, global_state)
-                    if reason is None:
-                        status = "ok"
-                        accepted.append((reply, report or []))
-            rows.append({"round": round_index, "scope": "participation", "client": p.client_id, "node": p.node_id,
-                         "status": status, **({"reason": reason} if reason else {})})
-            if reason:
-                self.log(f"round {round_index}: client {p.client_id} (node {p.node_id}) {status}: {reason}")
-                if status == "dropped" and isinstance(answer, str):
-                    # Silent nodes are often dead ones the SuperLink still lists (until their heartbeat
-                    # expires): greet this node id again only after join-timeout; a restarted SuperNode
-                    # registers under a new id and is greeted at once.
-                    self.by_node.pop(p.node_id, None)
-                    self.refused[p.node_id] = time.monotonic()
-        if len(accepted) < self.min_clients:
-            raise FedwardError(f"round {round_index}: {len(accepted)} usable replies, fewer than the minimum "
-                               f"{self.min_clients}; resume after round {round_index - 1} with "
-                               f"`fedward flower run --resume {self.run_dir.path}` once the nodes are back")
-        accepted.sort(key=lambda item: item[0].client_id)  # the simulation's order, whoever answered first
-        replies = [reply for reply, _ in accepted]
-        global_state, info = algorithm.aggregate(round_index, global_state, replies)
-        for _, report in accepted:
-            rows.extend(report)
-        if "weights" in info:
-            rows.append(_aggregation_row(round_index, replies, info))
-        return global_state, rows
+                        outcome.reason = f"the reply names client {reply.client_id}"
+                    else:  # the round loop checks the arrays and metrics
+                        outcome.status, outcome.reply, outcome.rows = "ok", reply, report or []
+            elif isinstance(answer, str):
+                # Silent nodes are often dead ones the SuperLink still lists (until their heartbeat
+                # expires): greet this node id again only after join-timeout; a restarted SuperNode
+                # registers under a new id and is greeted at once.
+                self.by_node.pop(p.node_id, None)
+                self.refused[p.node_id] = time.monotonic()
+            outcomes.append(outcome)
+        return outcomes
 
-    def evaluate_round(self, round_index: int, global_state: Arrays) -> list[dict[str, Any]]:
+    def evaluate(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
         """The global model on every reachable client's val and test splits, from their confusion matrices."""
         participants = sorted(self.clients().values(), key=lambda p: p.client_id)
         content = RecordDict({ARRAYS: to_array_record(global_state),
@@ -344,28 +336,11 @@ class Coordinator:
                     reason = f"malformed evaluation ({type(err).__name__}: {err})"
             if reason is not None:
                 self.log(f"round {round_index}: client {p.client_id} (node {p.node_id}) left out of the evaluation: {reason}")
-        return global_rows(self.spec.num_classes, round_index, predictions)
+        return predictions
 
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        start_round, global_state = self.open_run()
-        evaluate_local = cfg.validate_client or self.algorithm.personalised
-        saver = ckpt.BackgroundSaver()
-        try:
-            for round_index in range(start_round + 1, cfg.comm_round + 1):
-                t0 = time.perf_counter()
-                evaluate_now = evaluation_round(cfg, round_index)
-                global_state, rows = self.train_round(round_index, global_state, evaluate_local and evaluate_now)
-                if not self.algorithm.personalised and evaluate_now:
-                    rows.extend(self.evaluate_round(round_index, global_state))
-                self.run_dir.log_rows(rows)
-                if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
-                    saver.submit(self.run_dir, round=round_index, global_state=global_state, client_states=[],
-                                 server_state={}, num_classes=self.spec.num_classes)
-                took = sum(1 for r in rows if r.get("scope") == "participation" and r["status"] == "ok")
-                self.log(f"round {round_index}/{cfg.comm_round}: {took} of {self.num_clients} clients aggregated "
-                         f"({time.perf_counter() - t0:.1f} s)")
-        finally:
-            saver.wait()
+        start_round, global_state, server_state = self.open_run()
+        loop = RoundLoop(self.cfg, self.algorithm, self.spec, self.run_dir, self, log=self.log, progress=False)
+        global_state = loop.run(start_round, global_state, server_state)
         # Personalised models stay on their nodes (<state-dir>/<run-key>/client-<k>/final_model.pt).
-        return finish(cfg, self.run_dir, self, global_state, None)
+        return finish(self.cfg, self.run_dir, self, global_state, None)

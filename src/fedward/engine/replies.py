@@ -14,12 +14,15 @@ import torch
 from fedward.algorithms.base import Algorithm, Arrays, ClientReply
 
 
-def reply_problem(algorithm: Algorithm, reply: ClientReply, global_state: Arrays) -> str | None:
-    """Why ``reply`` must not be aggregated, or None when it is sound."""
+def reply_problem(algorithm: Algorithm, reply: ClientReply, global_state: Arrays,
+                  reference: Arrays | None = None) -> str | None:
+    """Why ``reply`` must not be aggregated, or None when it is sound. ``reference``: the arrays its
+    shapes and dtypes are checked against (default: the global model's)."""
+    reference = global_state if reference is None else reference
     declared = algorithm.declared_reply_keys(global_state)
     undeclared = sorted(set(reply.arrays) - declared)
     if undeclared:
-        return f"undeclared array(s) {undeclared[:5]}: {algorithm.name} replies may only carry the global model's arrays"
+        return f"undeclared array(s) {undeclared[:5]}: {algorithm.name} replies may only carry its declared arrays"
     for name, value in reply.metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"metric '{name}' is {value!r}, not a finite number"
@@ -32,15 +35,15 @@ def reply_problem(algorithm: Algorithm, reply: ClientReply, global_state: Arrays
             bad = int((~torch.isfinite(tensor)).sum())
             return f"array '{name}' holds {bad} non-finite value(s) (NaN or Inf)"
     try:
-        as_state = algorithm.reply_as_state(reply.arrays, global_state)
+        as_state = algorithm.reply_as_state(reply.arrays, reference)
     except (KeyError, RuntimeError, ValueError) as err:
         return f"arrays do not form the global model: {err}"
     for name, tensor in as_state.items():
-        expected = global_state.get(name)
+        expected = reference.get(name)
         if expected is None:
             continue
         if tuple(tensor.shape) != tuple(expected.shape):
-            return f"array '{name}' has shape {tuple(tensor.shape)}, the global model's has {tuple(expected.shape)}"
+            return f"array '{name}' has shape {tuple(tensor.shape)}, expected {tuple(expected.shape)}"
         if tensor.dtype != expected.dtype:
-            return f"array '{name}' has dtype {tensor.dtype}, the global model's has {expected.dtype}"
+            return f"array '{name}' has dtype {tensor.dtype}, expected {expected.dtype}"
     return None

@@ -1,0 +1,182 @@
+"""The server half of every round, one piece of code for the in-process simulation and the Flower
+ServerApp: pick the clients, send the method's message, check the replies, aggregate, evaluate,
+log, checkpoint (the global model, the server state and, in simulation, the client states).
+
+An engine only says how messages reach clients (:class:`Clients`): in simulation a local
+executor runs the client updates; on Flower the ServerApp pushes messages to SuperNodes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from tqdm.auto import tqdm
+
+from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec
+from fedward.algorithms.base import Arrays
+from fedward.config import RunConfig
+from fedward.engine import checkpoint as ckpt
+from fedward.engine.evaluation import Predictions
+from fedward.engine.replies import reply_problem
+from fedward.errors import FedwardError
+from fedward.tracking import RunDirectory
+
+
+@dataclass
+class Outcome:
+    """What became of one client's part in a round: ``ok`` with its reply (and the rows of its local
+    evaluation), or ``dropped`` with the reason (no reply, an error)."""
+
+    client_id: int
+    reply: ClientReply | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "ok"
+    reason: str | None = None
+    node: int | None = None
+
+
+class Clients(Protocol):
+    """How an engine reaches its clients."""
+
+    def client_ids(self) -> list[int]:
+        """Every client of the federation (those a method may select)."""
+
+    def train(self, round_index: int, message: ServerMessage, client_ids: list[int],
+              evaluate_local: bool) -> list[Outcome]:
+        """Run the round's client updates of ``client_ids``; one outcome each."""
+
+    def evaluate(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
+        """The global model's predictions on each reachable client's val and test splits."""
+
+    def client_states(self) -> list[dict[str, Any]]:
+        """The client states to checkpoint ([] when they are kept on the clients' machines)."""
+
+    def min_replies(self, selected: int) -> int:
+        """The fewest usable replies a round of ``selected`` clients may aggregate."""
+
+
+def evaluation_round(cfg: RunConfig, round_index: int) -> bool:
+    if round_index == cfg.comm_round:
+        return True
+    return cfg.eval_every > 0 and round_index % cfg.eval_every == 0
+
+
+def global_rows(num_classes: int, round_index: int,
+                predictions: dict[int, dict[str, Predictions]]) -> list[dict[str, Any]]:
+    """Rows of the global model on every client's val and test splits, and on their union (pooled
+    rows reuse the per-client predictions: one forward pass per image). A Flower server builds the
+    same rows from the confusion matrices its nodes send."""
+    rows = []
+    for split_name in ("val", "test"):
+        parts = []
+        for client_id in sorted(predictions):
+            pred = predictions[client_id].get(split_name)
+            if pred is None:
+                continue
+            parts.append(pred)
+            rows.append(pred.row(num_classes, round=round_index, scope="server", client=client_id, model="global",
+                                 data="client", split=split_name))
+        if parts:
+            rows.append(Predictions.concat(parts).row(
+                num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
+                client=None, model="global", data="pooled", split=split_name))
+    return rows
+
+
+def aggregation_row(round_index: int, replies: list[ClientReply], info: dict[str, Any]) -> dict[str, Any]:
+    row = {"round": round_index, "scope": "aggregation", "clients": [r.client_id for r in replies],
+           "weights": [float(w) for w in info["weights"]]}
+    for key in replies[0].metrics:
+        row[key.replace("-", "_")] = [float(r.metrics[key]) for r in replies]
+    for key, value in info.items():
+        if key != "weights":
+            row[key] = value
+    return row
+
+
+class RoundLoop:
+    """Rounds ``start + 1 .. comm_round`` of one run."""
+
+    def __init__(self, cfg: RunConfig, algorithm: Algorithm, spec: TaskSpec, run_dir: RunDirectory, clients: Clients,
+                 *, log: Callable[[str], None], progress: bool):
+        self.cfg, self.algorithm, self.spec, self.run_dir, self.clients = cfg, algorithm, spec, run_dir, clients
+        self.log, self.progress = log, progress
+
+    def run_round(self, round_index: int, global_state: Arrays,
+                  server_state: dict[str, Any]) -> tuple[Arrays, list[dict[str, Any]]]:
+        cfg, algorithm = self.cfg, self.algorithm
+        evaluate_now = evaluation_round(cfg, round_index)
+        selected = algorithm.select_clients(round_index, self.clients.client_ids(), server_state)
+        message = algorithm.server_message(round_index, global_state, server_state)
+        outcomes = self.clients.train(round_index, message, selected,
+                                      (cfg.validate_client or algorithm.personalised) and evaluate_now)
+        reference = algorithm.reply_reference(global_state, server_state)
+        rows: list[dict[str, Any]] = []
+        accepted: list[Outcome] = []
+        for outcome in sorted(outcomes, key=lambda o: o.client_id):  # a fixed order, whoever finished first
+            if outcome.status == "ok":
+                outcome.reason = reply_problem(algorithm, outcome.reply, global_state, reference)
+                if outcome.reason is not None:
+                    outcome.status = "rejected"
+                else:
+                    accepted.append(outcome)
+            rows.append({"round": round_index, "scope": "participation", "client": outcome.client_id,
+                         **({"node": outcome.node} if outcome.node is not None else {}), "status": outcome.status,
+                         **({"reason": outcome.reason} if outcome.reason else {})})
+            if outcome.reason:
+                where = f" (node {outcome.node})" if outcome.node is not None else ""
+                self.log(f"round {round_index}: client {outcome.client_id}{where} {outcome.status}: {outcome.reason}")
+        needed = self.clients.min_replies(len(selected))
+        if len(accepted) < needed:
+            raise FedwardError(f"round {round_index}: {len(accepted)} usable replies, fewer than the minimum {needed}; "
+                               f"resume after round {round_index - 1} with `--resume {self.run_dir.path}`")
+        replies = [o.reply for o in accepted]
+        global_state, info = algorithm.aggregate(round_index, global_state, replies, server_state)
+        for outcome in accepted:
+            rows.extend(outcome.rows)
+        if "weights" in info:
+            rows.append(aggregation_row(round_index, replies, info))
+        if not algorithm.personalised and evaluate_now:
+            rows.extend(global_rows(self.spec.num_classes, round_index,
+                                    self.clients.evaluate(round_index, global_state)))
+        return global_state, rows
+
+    def run(self, start_round: int, global_state: Arrays, server_state: dict[str, Any],
+            on_round_end: Callable[[int], None] | None = None) -> Arrays:
+        cfg = self.cfg
+        bar = tqdm(range(start_round + 1, cfg.comm_round + 1), desc=f"{cfg.method} rounds", unit="round",
+                   initial=start_round, total=cfg.comm_round, disable=not self.progress, dynamic_ncols=True)
+        saver = ckpt.BackgroundSaver()
+        try:
+            for round_index in bar:
+                t0 = time.perf_counter()
+                global_state, rows = self.run_round(round_index, global_state, server_state)
+                seconds = time.perf_counter() - t0
+                self.run_dir.log_rows(rows)
+                if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
+                    saver.submit(self.run_dir, round=round_index, global_state=global_state,
+                                 client_states=list(self.clients.client_states()), server_state=dict(server_state),
+                                 num_classes=self.spec.num_classes)
+                summary = round_summary(rows, seconds)
+                if self.progress:
+                    bar.set_postfix(summary)
+                else:
+                    self.log(f"round {round_index}/{cfg.comm_round}: "
+                             + ", ".join(f"{k} {v}" for k, v in summary.items()))
+                if on_round_end is not None:
+                    on_round_end(round_index)
+        finally:
+            saver.wait()
+            bar.close()
+        return global_state
+
+
+def round_summary(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
+    taking_part = [r for r in rows if r.get("scope") == "participation"]
+    out = {"clients": f"{sum(r['status'] == 'ok' for r in taking_part)}/{len(taking_part)}", "s": f"{seconds:.1f}"}
+    for row in rows:
+        if row.get("scope") == "server" and row.get("data") == "pooled" and row.get("split") == "test":
+            out["test BA"] = f"{row['balanced_accuracy']:.3f}"
+    return out
