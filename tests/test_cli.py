@@ -30,11 +30,9 @@ def test_reference_only_flags_are_accepted_or_mapped(tmp_path, capsys):
     out = tmp_path / "ref"
     code = main(["run", "--method", "fedavg", "--thread_number", "6", "--gpu", "0,1,3", "--fold", "1",
                  "--update_projector_head", "both", "--partition_method", "homo", "--partition_alpha", "0",
-                 "--data_dir", str(tmp_path / "data/Flamby_isic"), "--comm_round", "1", "--output", str(out),
-                 *TINY_FLAGS])
+                 "--comm_round", "1", "--output", str(out), *TINY_FLAGS])
     assert code == 0
     err = capsys.readouterr().err
-    assert "does not exist: using the built-in synthetic data set" in err
     assert "natural centres" in err
     if not torch.cuda.is_available():
         assert "running on the CPU" in err
@@ -98,3 +96,36 @@ def test_dirichlet_repartition_from_the_command_line(tmp_path):
     assert saved["client_names"] == ["client_0", "client_1", "client_2", "client_3"]
     (agg,) = [r for r in RunDirectory.open_existing(out).read_rows() if r["scope"] == "aggregation"]
     assert agg["clients"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--data_dir", "nowhere/Flamby_isic"], "--data_dir nowhere/Flamby_isic does not exist"),
+    (["--method", "fedavg", "--mu", "0.9"], "--mu applies to --method fedprox, moon"),
+    (["--aug", "1"], "--aug is not accepted"),  # no abbreviation of --augment
+    (["--blur", "1"], "--blur is not accepted"),  # nor of --blur_scale
+    (["--distill-u", "1"], "--distill_u is not accepted"),
+])
+def test_flags_are_never_guessed(tmp_path, capsys, argv, text):
+    out = tmp_path / "never"
+    code = main(["run", "--output", str(out), "--model", "smallcnn", "--image_size", "16", "--progress", "false", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and text in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_kebab_and_snake_case_flags_are_the_same_setting(tmp_path):
+    out = tmp_path / "kebab"
+    assert main(["run", "--comm-round", "1", "--loss-fn-name", "BSM", "--output", str(out), *TINY_FLAGS]) == 0
+    saved = RunDirectory.open_existing(out).read_config()
+    assert saved["comm_round"] == 1 and saved["loss_fn_name"] == "BSM"
+
+
+def test_help_of_one_method_shows_only_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--method", "fedprox", "--help"])
+    text = capsys.readouterr().out
+    assert "--mu" in text and "--lr" in text and "--free_u" not in text and "--messenger_dim" not in text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert "--free_u" in text and "options of --method fedmas" in text and "--server_lr" in text

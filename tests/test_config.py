@@ -8,7 +8,7 @@ def test_seed_flag_names_and_case_insensitive_values():
     cfg = build_config({"method": "FedAvg", "client_number": "6", "comm_round": "3", "lr": "0.0003", "adam": "true",
                         "loss_fn_name": "BSM", "aggregate_method": "AVG"})
     assert (cfg.method, cfg.client_number, cfg.comm_round, cfg.lr, cfg.adam) == ("fedavg", 6, 3, 0.0003, True)
-    assert cfg.aggregate_method == "avg"
+    assert not cfg.has("aggregate_method")  # a Fed-MAS flag at its default, as the reference passes it
 
 
 @pytest.mark.parametrize("values, text", [
@@ -27,7 +27,17 @@ def test_seed_flag_names_and_case_insensitive_values():
     ({"adam": "maybe"}, "'adam' must be bool"),
     ({"partition_method": "hetero", "partition_alpha": 0}, "partition_alpha must be > 0"),
     ({"partition_method": "random"}, "--partition_method 'random' is unknown"),
-    ({"aggregate_method": "mas"}, "needs --method fedmas"),
+    ({"aggregate_method": "mas"}, "--aggregate_method applies to --method fedmas; this run is --method fedavg"),
+    ({"mu": 0.9}, "--mu applies to --method fedprox, moon; this run is --method fedavg"),
+    ({"magnifications": "40X"}, "--magnifications applies to --dataset breakhis; this run is --method fedavg on "
+                                "--dataset synthetic"),
+    ({"thread_number": 8}, "--thread_number 8 sets the number of GPU workers with --gpu"),
+    ({"method": "mhpflid", "lr": 0.1}, "--lr applies to --method fedavg, fedprox"),
+    ({"method": "scaffold", "adam": True}, "option II's control variates"),
+    ({"dataset": "synthetic_multires", "data_dir": "x"}, "--data_dir applies to data sets read from files"),
+    ({"dataset": "breakhis"}, "--dataset breakhis needs --data_dir"),
+    ({"dataset": "breakhis", "data_dir": "x", "partition_method": "iid"}, "comes split over its clients"),
+    ({"fedavg_typo": 1}, "unknown setting 'fedavg_typo'"),
 ])
 def test_bad_values_name_the_key(values, text):
     with pytest.raises(ConfigError) as err:
@@ -41,10 +51,38 @@ def test_heterogeneous_methods_default_to_the_seeds_batch_of_8():
     assert build_config({"method": "fedavg"}).batch_size == RunConfig().batch_size == 64
 
 
-def test_client_architectures_default_cycle_and_count_check():
-    from fedward.config import client_architectures
+def test_reference_flags_at_their_default_are_accepted_by_every_method():
+    # the seed's FedAvg command passes Fed-MAS's --update_projector_head 'both'
+    cfg = build_config({"method": "fedavg", "update_projector_head": "both", "aggregate_method": "AVG", "free_u": 0})
+    assert not cfg.has("update_projector_head") and "update_projector_head" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match="--update_projector_head applies to --method fedmas"):
+        build_config({"method": "fedavg", "update_projector_head": "free"})
 
-    assert client_architectures(build_config({"method": "mhpflid"}), 6) == [
+
+def test_settings_of_the_method_and_data_set_read_as_attributes_and_round_trip():
+    cfg = build_config({"method": "fedprox", "mu": "0.1", "dataset": "synthetic_multires", "patients_scale": 2})
+    assert (cfg.mu, cfg.patients_scale, cfg.lr) == (0.1, 2.0, 3e-4)
+    with pytest.raises(AttributeError, match="'free_u' is not a setting of this run"):
+        cfg.free_u
+    saved = cfg.to_dict()
+    assert saved["mu"] == 0.1 and "free_u" not in saved and "data_scale" not in saved
+    assert build_config(saved).to_dict() == saved
+    assert cfg.updated(mu=0.2).mu == 0.2 and cfg.mu == 0.1
+
+
+def test_method_defaults_differ_where_the_method_says_so():
+    assert build_config({"method": "fedyogi"}).server_lr == 0.01
+    assert build_config({"method": "fedadam"}).server_lr == 0.1
+    scaffold = build_config({"method": "scaffold"})
+    assert (scaffold.momentum, scaffold.nesterov) == (0.0, False)
+    assert build_config({"method": "fedavg"}).momentum == 0.9
+
+
+def test_client_architectures_default_cycle_and_count_check():
+    from fedward.algorithms.base import client_architectures
+    from fedward.algorithms.heterogeneous import DEFAULT_CLIENT_MODELS
+
+    assert client_architectures(build_config({"method": "mhpflid"}), 6, list(DEFAULT_CLIENT_MODELS)) == [
         "resnet17", "resnet11", "resnet8", "resnet5", "resnet17", "resnet11"]
     assert client_architectures(build_config({"method": "local", "model": "smallcnn"}), 2) == ["smallcnn", "smallcnn"]
     cfg = build_config({"method": "local", "client_models": "resnet5,smallcnn"})
@@ -68,7 +106,7 @@ def test_yaml_file_round_trip_and_errors(tmp_path):
 
 
 def test_defaults_follow_the_reference():
-    cfg = RunConfig()
+    cfg = build_config({"method": "fedprox"})
     assert cfg.persist_optimizer_state and cfg.bn_policy == "average" and cfg.mu == 0.45
 
 

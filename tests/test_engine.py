@@ -45,7 +45,7 @@ def test_client_order_does_not_change_replies(tiny_values):
     for order in (range(data.num_clients), reversed(range(data.num_clients))):
         sim = Simulation(cfg, data, "cpu")
         state, _ = initial_global_state(cfg, sim.build_model)
-        message = sim.algorithm.server_message(1, state)
+        message = sim.algorithm.server_message(1, state, {})
         for k in order:
             reply = sim.run_client(ClientTask(1, k, message, {}), evaluate_local=False).reply
             replies.setdefault(k, []).append(reply)
@@ -141,11 +141,11 @@ def test_bn_policy_local_keeps_client_statistics(tiny_values):
     sim = Simulation(cfg, data, "cpu")
     state0, _ = initial_global_state(cfg, sim.build_model)
     client_state = {}
-    reply = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0), client_state), False).reply
+    reply = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0, {}), client_state), False).reply
     kept = client_state["bn-statistics"]
     assert kept and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in kept)
     # Next round the client starts from the global weights but its own BN statistics.
-    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state, data.clients[0])
+    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0, {}), client_state, data.clients[0])
     current = sim.workspace.model.state_dict()
     for key, value in kept.items():
         assert torch.equal(current[key], value)

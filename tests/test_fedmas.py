@@ -48,7 +48,7 @@ def test_free_u_zero_measures_the_supervised_loss(tiny_values):
                         "aggregate_method": "mas"})
     sim = Simulation(cfg, load_data(cfg), "cpu")
     state, _ = initial_global_state(cfg, sim.build_model)
-    reply = sim.run_client(ClientTask(1, 4, sim.algorithm.server_message(1, state), {}), False).reply
+    reply = sim.run_client(ClientTask(1, 4, sim.algorithm.server_message(1, state, {}), {}), False).reply
     before = [reply.metrics[f"divergence-before-{c}"] for c in range(8)]
     # MSK (client 4) has only MEL, NV and BKL: the others stay 0; cross-entropy values are positive
     assert [c for c, v in enumerate(before) if v > 0] == [0, 1, 4]
@@ -63,8 +63,8 @@ def test_update_projector_head_keeps_the_other_heads_local(tiny_values, policy, 
     sim = Simulation(cfg, load_data(cfg), "cpu")
     state0, _ = initial_global_state(cfg, sim.build_model)
     client_state = {}
-    trained = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0), client_state), False).reply.arrays
-    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0), client_state,
+    trained = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0, {}), client_state), False).reply.arrays
+    sim.algorithm.load_start_model(sim.workspace, sim.algorithm.server_message(2, state0, {}), client_state,
                                    sim.training_clients[0])
     now = sim.workspace.model.state_dict()
     for key in now:
@@ -127,7 +127,7 @@ def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values)
         state0, _ = initial_global_state(cfg, sim.build_model)
         states = [{}, {}]
         for k in (0, 1):
-            sim.run_client(ClientTask(1, k, sim.algorithm.server_message(1, state0), states[k]), False)
+            sim.run_client(ClientTask(1, k, sim.algorithm.server_message(1, state0, {}), states[k]), False)
         return sim, states
 
     sim, states = run_two_clients(False)
@@ -150,7 +150,7 @@ def test_cached_prior_features_are_the_prior_on_unaugmented_images(tiny_values):
                             "aggregate_method": "mas", "augment": augment, "cache_prior_features": cache})
         sim = Simulation(cfg, load_data(cfg), "cpu")
         state0, _ = initial_global_state(cfg, sim.build_model)
-        result = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0), {}), False)
+        result = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0, {}), {}), False)
         return sim, result.reply
 
     _, plain = one_client(False, False)

@@ -23,6 +23,8 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from fedward.algorithms import get_algorithm  # noqa: E402
 from fedward.algorithms.base import ClientReply, ServerMessage, TaskSpec  # noqa: E402
 from fedward.config import build_config  # noqa: E402
+
+from conftest import applicable  # noqa: E402
 from fedward.engine.evaluation import Predictions  # noqa: E402
 from fedward.engine.simulation import prepare, run  # noqa: E402
 from fedward.errors import ConfigError, FedwardError  # noqa: E402
@@ -100,7 +102,7 @@ def test_bad_replies_are_named(changes, expected):
 
 
 def test_fedkd_factors_are_checked_after_multiplying_out():
-    cfg = build_config({"method": "fedkd", "model": "smallcnn", "image_size": 8})
+    cfg = build_config({"method": "fedkd", "image_size": 8})
     algorithm = get_algorithm("fedkd")(cfg, SPEC, lambda: None)
     global_state = {"w": torch.zeros(4, 6)}
     good = ClientReply(0, {"w::svd_u": torch.ones(4, 1), "w::svd_v": torch.ones(1, 6)}, {"num-examples": 3.0})
@@ -168,7 +170,7 @@ def test_a_node_holds_only_its_own_client(tiny_values, tmp_path):
         load_node_data(cfg, NodeSettings(5, None, tmp_path, "cpu", None))
     # a hospital's own folder: one client, which becomes client-id 4 of the federation
     root = make_tree(tmp_path / "hospital", {"beta": {"train": {"benign": 2, "malignant": 2}, "test": {"benign": 1, "malignant": 1}}})
-    folders_cfg = build_config({**tiny_values, "dataset": "folders", "data_dir": str(root), "image_size": 8})
+    folders_cfg = build_config(applicable({**tiny_values, "dataset": "folders", "data_dir": str(root), "image_size": 8}))
     data = load_node_data(folders_cfg, NodeSettings(4, str(root), tmp_path, "cpu", None))
     assert [(c.client_id, c.name) for c in data.clients] == [(4, "beta")]
 
@@ -314,9 +316,10 @@ HETERO = dict(client_models="smallcnn,resnet5,smallcnn", stem="small", messenger
 
 
 @pytest.mark.parametrize("method, extra", [("fedavg", {}), ("fedmas", {"pre_trained_models": "random", "free_u": 1}),
-                                           ("mhpflid", HETERO)])
+                                           ("mhpflid", HETERO), ("fedadam", {}), ("fedyogi", {}), ("fedadagrad", {}),
+                                           ("fedavgm", {}), ("scaffold", {}), ("cyclic", {"comm_round": 4})])
 def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path, task_identity):
-    cfg = build_config({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", **extra})
+    cfg = build_config(applicable({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", **extra}))
     coordinator, _ = loopback_run(cfg, tmp_path)
     sim_model, sim_dir = simulation_model(cfg, tmp_path)
     if method == "mhpflid":  # the messenger is the global state; compare the last checkpoints
@@ -329,7 +332,11 @@ def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path
     same = [r for r in coordinator.run_dir.read_rows() if r["scope"] != "participation"]
     # personalised methods: the simulation also scores each local model on the pooled test set, which
     # no node can do (it holds one hospital's data)
-    assert same == [r for r in sim_dir.read_rows() if r.get("data") != "pooled" or r["scope"] == "server"]
+    sim_rows = sim_dir.read_rows()
+    assert same == [r for r in sim_rows if r["scope"] != "participation" and (r.get("data") != "pooled" or r["scope"] == "server")]
+    # the same clients took part in each round (cyclic: one a round), in both engines
+    taking_part = lambda rows: [(r["round"], r["client"], r["status"]) for r in rows if r["scope"] == "participation"]  # noqa: E731
+    assert taking_part(coordinator.run_dir.read_rows()) == taking_part(sim_rows)
     assert (coordinator.run_dir.path / "report.html").is_file() and (coordinator.run_dir.path / "results.json").is_file()
 
 
@@ -412,14 +419,15 @@ def test_centralized_has_no_deployment(tiny_values, tmp_path):
 
 
 PRIVACY_SETTINGS = {"fedavg": {}, "fedprox": {}, "moon": {}, "fedmas": {"pre_trained_models": "random", "free_u": 1},
+                    "fedadam": {}, "fedyogi": {}, "fedadagrad": {}, "fedavgm": {}, "scaffold": {}, "cyclic": {},
                     "local": {"client_models": HETERO["client_models"], "stem": "small"},
                     "mhpflid": HETERO, "fml": HETERO, "fedkd": HETERO}
 
 
 def test_privacy_covers_every_method_with_a_deployment():
-    from fedward.config import METHODS
+    from fedward.algorithms import METHOD_REGISTRY
 
-    assert set(PRIVACY_SETTINGS) == set(METHODS) - {"centralized"}
+    assert set(PRIVACY_SETTINGS) == {name for name, cls in METHOD_REGISTRY.items() if not cls.centralized}
 
 
 @pytest.mark.parametrize("method", sorted(PRIVACY_SETTINGS))
@@ -427,8 +435,8 @@ def test_privacy_server_side_messages_hold_only_declared_records(method, tiny_va
     """Every record each node sent the server, read back on the server side: only the method's
     declared arrays, scalar metrics and evaluation summaries; no array equal to any local model,
     R, T or W_h tensor; and personalised models stay in the node's state folder."""
-    cfg = build_config({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", "comm_round": 1,
-                        **PRIVACY_SETTINGS[method]})
+    cfg = build_config(applicable({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid",
+                                   "comm_round": 1, **PRIVACY_SETTINGS[method]}))
     received: list[Message] = []
 
     class RecordingGrid(LoopbackGrid):
@@ -450,7 +458,10 @@ def test_privacy_server_side_messages_hold_only_declared_records(method, tiny_va
         coordinator.algorithm.build_model().state_dict())
     local_tensors = []
     for k in range(3):
-        state = torch.load(sorted((tmp_path / "nodes").glob(f"*/client-{k}/round-*.pt"))[-1], weights_only=False)
+        saved = sorted((tmp_path / "nodes").glob(f"*/client-{k}/round-*.pt"))
+        if not saved:  # cyclic: one client a round
+            continue
+        state = torch.load(saved[-1], weights_only=False)
         for value in state.values():
             if isinstance(value, dict):
                 local_tensors += [t for t in value.values() if isinstance(t, torch.Tensor) and t.numel() > 1]

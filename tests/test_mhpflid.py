@@ -19,6 +19,8 @@ from fedward.models import get_model
 from fedward.models.messenger import CrossAttention, FeatureAddition, build_fusion
 from fedward.tracking import RunDirectory
 
+from conftest import applicable
+
 HETERO = dict(dataset="synthetic_multires", image_size=16, patients_scale=1.0, client_models="smallcnn,resnet5,smallcnn,resnet5",
               stem="small", messenger_dim=16, comm_round=2, batch_size=16, injection_epochs=1, distillation_epochs=1,
               epochs=1, progress=False, eval_batch_size=128, threads=1)
@@ -119,7 +121,7 @@ def test_distillation_kl_by_hand():
 # ---------------------------------------------------------------- the client update
 
 def _simulation(values):
-    cfg = build_config({**HETERO, **values})
+    cfg = build_config(applicable({**HETERO, **values}))
     data = load_data(cfg)
     sim = Simulation(cfg, data, "cpu")
     global_state, _ = initial_global_state(cfg, sim.build_model)
@@ -129,7 +131,7 @@ def _simulation(values):
 def test_injection_freezes_the_messenger_and_trains_the_local_model_and_R():
     cfg, data, sim, global_state = _simulation({"method": "mhpflid", "distillation_epochs": 0})
     state: dict = {}
-    message = sim.algorithm.server_message(1, global_state)
+    message = sim.algorithm.server_message(1, global_state, {})
     reply = sim.run_client(ClientTask(1, 1, message, state), evaluate_local=False).reply
     # Messenger frozen (weights and BatchNorm statistics): the reply is the global messenger.
     assert set(reply.arrays) == set(global_state)
@@ -147,7 +149,7 @@ def test_injection_freezes_the_messenger_and_trains_the_local_model_and_R():
 def test_distillation_freezes_the_local_model_and_trains_the_messenger_and_T():
     cfg, data, sim, global_state = _simulation({"method": "mhpflid", "injection_epochs": 0})
     state: dict = {}
-    reply = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, global_state), state), False).reply
+    reply = sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, global_state, {}), state), False).reply
     initial_local = sim.algorithm.initial_local_state(0)
     assert all(torch.equal(state["local"][k], initial_local[k]) for k in initial_local)
     assert any(not torch.equal(reply.arrays[k], global_state[k]) for k in global_state)
@@ -171,7 +173,7 @@ def test_server_averages_the_messenger_by_training_examples():
                            {"num-examples": 30.0}),
                ClientReply(1, {k: torch.full_like(v, 5.0) if v.is_floating_point() else v for k, v in global_state.items()},
                            {"num-examples": 10.0})]
-    new_state, info = sim.algorithm.aggregate(1, global_state, replies)
+    new_state, info = sim.algorithm.aggregate(1, global_state, replies, {})
     assert info["weights"] == pytest.approx([0.75, 0.25])
     assert torch.allclose(new_state[key], torch.full_like(new_state[key], 0.75 * 1 + 0.25 * 5))
 
@@ -205,18 +207,18 @@ def test_fedkd_energy_schedule_and_compressed_messages():
                                                 "fedkd_energy_end": 0.9})
     algorithm = sim.algorithm
     assert [algorithm.energy(r) for r in (1, 2, 3)] == pytest.approx([0.5, 0.6, 0.7])
-    message = algorithm.server_message(1, global_state)
+    message = algorithm.server_message(1, global_state, {})
     assert any(k.endswith("::svd_u") for k in message.arrays)
     reply = sim.run_client(ClientTask(1, 0, message, {}), evaluate_local=False).reply
     assert set(reply.arrays) <= algorithm.declared_reply_keys(global_state)
-    new_state, _ = algorithm.aggregate(1, global_state, [reply])
+    new_state, _ = algorithm.aggregate(1, global_state, [reply], {})
     assert {k: v.shape for k, v in new_state.items()} == {k: v.shape for k, v in global_state.items()}
 
 
 # ---------------------------------------------------------------- whole runs
 
 def _run(tmp_path, name, values, **kwargs):
-    cfg = build_config({**HETERO, **values})
+    cfg = build_config(applicable({**HETERO, **values}))
     run_dir = RunDirectory.create(tmp_path / name)
     run_dir.write_config(cfg.to_dict())
     return cfg, run_dir, run(cfg, run_dir, **kwargs)
@@ -278,7 +280,7 @@ def test_mhpflid_resumes_to_identical_metrics(tmp_path):
 
     with pytest.raises(_Crash):
         _run(tmp_path, "crashed", values, on_round_end=crash_after_two)
-    cfg = build_config({**HETERO, **values})
+    cfg = build_config(applicable({**HETERO, **values}))
     run(cfg, RunDirectory.open_existing(tmp_path / "crashed"), resume=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(RunDirectory.open_existing(tmp_path / "crashed").read_rows()) == strip(full.read_rows())
@@ -291,7 +293,7 @@ def test_client_models_count_must_match_the_clients(tmp_path):
     from fedward.engine.simulation import prepare
     from fedward.errors import ConfigError
 
-    cfg = build_config({**HETERO, "method": "mhpflid", "client_models": "resnet5,resnet8", "output": str(tmp_path / "r")})
+    cfg = build_config(applicable({**HETERO, "method": "mhpflid", "client_models": "resnet5,resnet8", "output": str(tmp_path / "r")}))
     with pytest.raises(ConfigError, match="lists 2 models .* 4 clients"):
         prepare(cfg)
     assert not (tmp_path / "r").exists()
@@ -312,5 +314,5 @@ def test_injection_lowers_the_local_models_training_loss():
 
     before = train_loss(sim.algorithm.initial_local_state(0))
     state: dict = {}
-    sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, global_state), state), evaluate_local=False)
+    sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, global_state, {}), state), evaluate_local=False)
     assert train_loss(state["local"]) < before - 0.01

@@ -7,12 +7,12 @@ import pytest
 from fedward.cli import main
 from fedward.tracking import RunDirectory
 
-TINY = ["--model", "smallcnn", "--image_size", "16", "--comm_round", "1", "--batch_size", "4", "--progress", "false",
-        "--threads", "1"]
+TINY = ["--image_size", "16", "--comm_round", "1", "--batch_size", "4", "--progress", "false", "--threads", "1"]
 
 
 def _run(args, out):
-    assert main(["run", *args, *TINY, "--output", str(out)]) == 0
+    model = [] if "--client_models" in args else ["--model", "smallcnn"]  # the heterogeneous methods have no --model
+    assert main(["run", *args, *model, *TINY, "--output", str(out)]) == 0
     return RunDirectory.open_existing(out).read_config()
 
 
@@ -49,9 +49,9 @@ def test_dataset_without_data_dir_is_an_error(capsys):
 
 @pytest.mark.parametrize("name", ["medmnist", "folders", "fed_isic2019"])
 def test_registered(name):
-    from fedward.data import DATASETS
+    from fedward.data import DATASETS, get_dataset_module
 
-    assert DATASETS[name].NAME == name
+    assert DATASETS[name].name == get_dataset_module(name).NAME == name and DATASETS[name].needs_data_dir
 
 
 def test_data_check_reports_counts_per_client_and_class(tmp_path, capsys):

@@ -259,7 +259,7 @@ def test_mix_run_gives_clients_their_own_prior(tmp_path, monkeypatch, tiny_value
     state, _ = initial_global_state(cfg, sim.build_model)
     names = priors.client_prior_names("mix", len(sim.training_clients), cfg.seed)
     for k in (names.index("moco"), names.index("IMAGENET1K_V1")):
-        sim.run_client(ClientTask(1, k, sim.algorithm.server_message(1, state), {}), False)
+        sim.run_client(ClientTask(1, k, sim.algorithm.server_message(1, state, {}), {}), False)
     assert set(sim.workspace.priors) == {"moco", "IMAGENET1K_V1"}
     first, second = (sim.workspace.priors[n].encoder.state_dict()["conv1.weight"] for n in ("moco", "IMAGENET1K_V1"))
     assert not torch.equal(first, second)  # two different files, one per group of clients

@@ -142,7 +142,7 @@ def test_bad_options_raise_config_errors(tmp_path):
 
 
 def test_registry(tmp_path):
-    assert DATASETS["synthetic"] is synthetic
+    assert DATASETS["synthetic"].from_config is synthetic.from_config and DATASETS["synthetic"].Options is synthetic.Options
     assert get_dataset_module("synthetic") is synthetic
     with pytest.raises(ConfigError, match="'isic'.*synthetic"):
         get_dataset_module("isic")

@@ -156,7 +156,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                                                 "and report what was found; bad files are errors that name them.")
     check.add_argument("data_dir", metavar="DIR")
     check.add_argument("--dataset", default="fed_isic2019", help="fed_isic2019 (default), medmnist or folders")
-    check.add_argument("--data_flag", default="dermamnist", help="--dataset medmnist: the <flag>.npz to read")
+    check.add_argument("--data_flag", help="--dataset medmnist: the <flag>.npz to read (default: dermamnist)")
     check.add_argument("--image_size", type=int, default=32, help="decoding size (default: 32)")
     check.add_argument("--skip_bad_images", action="store_true", help="list unreadable images instead of stopping")
     prepare = data_actions.add_parser("prepare", help="FLamby's ISIC 2019 preprocessing (resumable, parallel)",
@@ -444,8 +444,17 @@ def command_data(args: argparse.Namespace) -> int:
 
     if not Path(args.data_dir).exists():
         raise ConfigError(f"data folder {args.data_dir} does not exist")
-    cfg = build_config({"dataset": args.dataset, "data_dir": args.data_dir, "data_flag": args.data_flag,
-                        "image_size": args.image_size, "skip_bad_images": args.skip_bad_images, "progress": True})
+    values = {"dataset": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size, "progress": True}
+    from fedward.data import get_dataset
+    from fedward.options import option_fields
+
+    own = {f.name for f in option_fields(get_dataset(args.dataset).Options)}
+    for name, value in (("data_flag", args.data_flag), ("skip_bad_images", args.skip_bad_images or None)):
+        if value is not None:  # given: it must be one of the data set's options
+            if name not in own:
+                raise ConfigError(f"--{name} does not apply to --dataset {args.dataset}")
+            values[name] = value
+    cfg = build_config(values)
     data = load_data(cfg)
     header = ["client", "split", *data.class_names, "total"]
     body = []

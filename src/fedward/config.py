@@ -197,6 +197,11 @@ def _not_applicable(name: str, method: str, dataset: str, owners: list[tuple[str
     return f"--{name} applies to {' and to '.join(parts)}; this run is --method {method} on --dataset {dataset}"
 
 
+def _normalised(f, value: Any) -> Any:
+    value = coerce(f, value)
+    return value.lower() if f.metadata.get("lower") and isinstance(value, str) else value
+
+
 def build_config(values: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a dict of settings (file values overridden by flags)."""
     from fedward.algorithms import get_algorithm
@@ -227,7 +232,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             data_values[name] = value
         elif name in owners:
             # A reference flag at its default is what the reference's commands pass to every method.
-            if any(f.metadata.get("reference") and coerce(f, value) == default_of(f) for _, _, f in owners[name]):
+            if any(f.metadata.get("reference") and _normalised(f, value) == default_of(f) for _, _, f in owners[name]):
                 continue
             raise ConfigError(_not_applicable(name, method, dataset, owners[name]))
         else:

@@ -7,12 +7,18 @@ in the run's ``plugins`` setting (``fedward run --plugins my_method.py``).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from fedward.algorithms.base import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace
 from fedward.algorithms.registry import METHOD_REGISTRY, get_algorithm, list_methods, register_method
-from fedward.algorithms import (  # noqa: E402,F401  (each module registers its methods)
-    fedavg, fedprox, moon, local, centralized, fedmas, mhpflid, fml, fedkd,
-)
-from fedward.algorithms.fedavg import FedAvg  # noqa: E402
+from fedward.algorithms.fedavg import FedAvg
+
+# Every module of this package is imported, so a method module registers itself by its decorator:
+# adding one is adding a file. The order below is the order of ``--help``.
+for _name in ("fedavg", "fedprox", "moon", "local", "centralized", "fedmas", "mhpflid", "fml", "fedkd",
+              *sorted(m.name for m in pkgutil.iter_modules(__path__))):
+    importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["METHOD_REGISTRY", "Algorithm", "ClientReply", "FedAvg", "ServerMessage", "TaskSpec", "Workspace",
            "get_algorithm", "list_methods", "register_method"]

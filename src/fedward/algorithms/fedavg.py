@@ -91,6 +91,10 @@ class FedAvg(Algorithm):
     def extra_loss_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ExtraLossFn | None:
         return None
 
+    def model_arrays(self, message: ServerMessage) -> Arrays:
+        """The global model's state dict in the server's message (default: all its arrays)."""
+        return message.arrays
+
     def gradient_hook(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]):
         """Called after each backward pass with the model (None: no hook)."""
         return None
@@ -102,7 +106,7 @@ class FedAvg(Algorithm):
     def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any],
                          client: ClientData) -> nn.Module:
         model = ws.model
-        model.load_state_dict(message.arrays)
+        model.load_state_dict(self.model_arrays(message))
         if self.cfg.bn_policy == "local" and "bn-statistics" in state:
             model.load_state_dict(state["bn-statistics"], strict=False)
         return model
