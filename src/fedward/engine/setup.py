@@ -17,6 +17,7 @@ from fedward.algorithms.base import Arrays, TaskSpec
 from fedward.config import RunConfig
 from fedward.data import get_dataset
 from fedward.data.partition import repartition
+from fedward.data.registry import ValidationSplit
 from fedward.data.types import ClientData, FederatedData
 from fedward.errors import ConfigError
 
@@ -83,7 +84,9 @@ def load_data(cfg: RunConfig) -> FederatedData:
         return data
     method = "iid" if method == "homo" else method
     return repartition(data, cfg.client_number or natural, method, alpha=cfg.partition_alpha,
-                       classes_per_client=cfg.classes_per_client, seed=cfg.data_seed, val_fraction=cfg.val_fraction)
+                       classes_per_client=cfg.classes_per_client, seed=cfg.data_seed,
+                       # a data set without the option re-splits with its default
+                       val_fraction=cfg.val_fraction if cfg.has("val_fraction") else ValidationSplit().val_fraction)
 
 
 def task_spec(data: FederatedData) -> TaskSpec:
