@@ -33,10 +33,10 @@ from fedward.tracking import RunDirectory
 def _round(sim: Simulation, global_state, client_states, round_index: int, run_dir: RunDirectory,
            saver: ckpt.BackgroundSaver | None) -> float:
     start = time.perf_counter()
-    message = sim.algorithm.server_message(round_index, global_state)
+    message = sim.algorithm.server_message(round_index, global_state, {})
     results = [sim.run_client(ClientTask(round_index, k, message, client_states[k]), False)
                for k in range(len(sim.training_clients))]
-    new_state, _ = sim.algorithm.aggregate(round_index, global_state, [r.reply for r in results])
+    new_state, _ = sim.algorithm.aggregate(round_index, global_state, [r.reply for r in results], {})
     for k, result in enumerate(results):
         client_states[k] = result.state
     # As in a run: the checkpoint is written in the background while the next round trains; the

@@ -31,9 +31,9 @@ from fedward.seeding import torch_generator
 
 def _round(sim: Simulation, global_state, states, round_index: int) -> float:
     start = time.perf_counter()
-    message = sim.algorithm.server_message(round_index, global_state)
+    message = sim.algorithm.server_message(round_index, global_state, {})
     results = [sim.run_client(ClientTask(round_index, k, message, states[k]), False) for k in range(len(sim.training_clients))]
-    sim.algorithm.aggregate(round_index, global_state, [r.reply for r in results])
+    sim.algorithm.aggregate(round_index, global_state, [r.reply for r in results], {})
     for k, result in enumerate(results):
         states[k] = result.state
     return time.perf_counter() - start

@@ -40,6 +40,12 @@ GRIDS = {
                ("fedmas mas, untrained prior", {"method": "fedmas", "aggregate_method": "mas", "prior": "untrained"})],
 }
 FEDMAS = {"loss_fn_name": "BSM", "free_u": 3.0}  # the seed README's Fed-MAS settings
+# FLamby's strategy set next to FedAvg (configs/strategies.yaml: plain SGD clients at one lr for all,
+# server settings at the methods' defaults), and the FedAvg lr pilot that chooses that lr.
+GRIDS["strategies"] = [(name, {"method": name})
+                       for name in ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "scaffold", "cyclic")]
+SGD_LRS = (0.01, 0.05, 0.2)
+GRIDS["sgd_lr"] = [(f"fedavg sgd lr {lr}", {"method": "fedavg", "lr": lr}) for lr in SGD_LRS]
 
 
 def prior_files(out: Path, image_size: int) -> dict[str, str]:
@@ -118,12 +124,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="base settings")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="client learning rate for every method of the grid")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "synthetic"))
     args = parser.parse_args()
     base = yaml.safe_load(Path(args.config).read_text())
     base.update(progress=False, validate_client=False)
     if args.rounds:
         base["comm_round"] = args.rounds
+    if args.lr:
+        base["lr"] = args.lr
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_grid(base, GRIDS[args.grid], args.seeds, out)

@@ -373,8 +373,11 @@ def test_dropout_bad_reply_and_rejoin(tiny_values, tmp_path, task_identity):
     assert (coordinator.run_dir.path / "final_model.pt").is_file()
 
 
-def test_too_few_replies_stop_the_round_and_the_run_resumes(tiny_values, tmp_path, task_identity):
-    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 2})
+@pytest.mark.parametrize("method", ["fedavg", "fedadam", "scaffold"])
+def test_too_few_replies_stop_the_round_and_the_run_resumes(method, tiny_values, tmp_path, task_identity):
+    """The server state (FedAdam's moments, SCAFFOLD's control variate) is in the server's
+    checkpoint and the client states on the nodes: the resumed run ends at the simulation's model."""
+    cfg = build_config({**tiny_values, "method": method, "client_number": 2, "partition_method": "iid", "comm_round": 2})
 
     def kill_in_round_2(grid, messages):
         if messages[0].metadata.group_id == "round-2":

@@ -23,6 +23,8 @@ pytest.importorskip("flwr")
 from conftest import TINY  # noqa: E402
 from fedward.algorithms import get_algorithm  # noqa: E402
 from fedward.config import build_config  # noqa: E402
+
+from conftest import applicable  # noqa: E402
 from fedward.engine.setup import model_builder  # noqa: E402
 from fedward.engine.simulation import prepare, run  # noqa: E402
 from fedward.flower.launch import flower_env, free_port  # noqa: E402
@@ -140,7 +142,7 @@ def test_deployment_gives_the_simulations_model(deployment, tmp_path):
     SuperNodes: each ends with the global model (the messenger for mhpflid) of the in-process simulation."""
     processes, port, folder, tls = deployment
     for method, extra in SAME_RESULT_RUNS.items():
-        values = {**BASE, "method": method, **extra}
+        values = applicable({**BASE, "method": method, **extra})
         submit(port, tmp_path / method, values, tls=tls)
         flower = torch.load(tmp_path / method / "checkpoints" / "last.pt", weights_only=False)["global_state"]
         assert max_abs_difference(flower, simulation_state(values, tmp_path / f"sim-{method}")) <= 1e-6, method

@@ -75,8 +75,13 @@ def test_cache_reused_and_deterministic(tmp_path):
 
 
 def test_default_cache_dir_under_fedward_cache(tmp_path, monkeypatch):
+    from fedward.data.imagecache import decoded_cache_dir
+    from fedward.flower.node import default_state_dir
+    from fedward.priors import default_prior_dir
+
     monkeypatch.setenv("FEDWARD_CACHE", str(tmp_path / "fc"))
-    assert folders.default_cache_dir() == tmp_path / "fc" / "decoded"
+    assert decoded_cache_dir() == tmp_path / "fc" / "decoded"
+    assert default_prior_dir() == tmp_path / "fc" / "priors" and default_state_dir() == tmp_path / "fc" / "flower-nodes"
 
 
 def test_misplaced_image_warns(tmp_path):

@@ -147,6 +147,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
     subparsers.add_parser("models", help="list the registered models")
+    methods = subparsers.add_parser("methods", help="list the registered methods and data sets")
+    methods.add_argument("--markdown", action="store_true", help="every option as Markdown tables (docs/options.md)")
     _add_prior_parser(subparsers)
     _add_flower_parser(subparsers, shown)
     data = subparsers.add_parser("data", help="download, check or prepare a data folder")
@@ -369,6 +371,13 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_methods(args: argparse.Namespace) -> int:
+    from fedward import catalog
+
+    print(catalog.markdown() if args.markdown else catalog.text(), end="\n" if not args.markdown else "")
+    return 0
+
+
 def command_models(_args: argparse.Namespace) -> int:
     from fedward.models import list_models
 
@@ -491,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command != "run":
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             _reject_dead_flags(unknown)
-        handler = {"run": command_run, "report": command_report, "models": command_models,
+        handler = {"run": command_run, "report": command_report, "models": command_models, "methods": command_methods,
                    "prior": command_prior, "data": command_data, "flower": command_flower}[args.command]
         return handler(args)
     except FedwardError as err:

@@ -62,7 +62,7 @@ class RunConfig:
                              check=at_least(1))
     loss_fn_name: str = option("CE", "local loss: CE, BSM, focal, LDAM, CB, RW, LCC, FLAMBY_FOCAL")
     grad_clip: float | None = option(None, "gradient-norm clip (default: the method's, e.g. 5 for moon and fedmas, "
-                                           "1 for mhpflid/fml/fedkd, none for fedavg)", check=POSITIVE)
+                                           "1 for mhpflid, 10 for fml and fedkd, none for fedavg)", check=POSITIVE)
     persist_optimizer_state: bool = option(True, "keep each client's optimizer state across rounds (reference: true)")
     stem: str = option("imagenet", "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer "
                                    "and slower for small images)", choices=("auto", "imagenet", "medium", "small"))

@@ -57,10 +57,9 @@ CHANNELS_LAST_MIN_SIZE = 128
 
 def default_prior_dir() -> Path:
     """Where fedward looks for prior checkpoints: ``$FEDWARD_CACHE/priors`` (default ``~/.cache/fedward``)."""
-    import os
+    from fedward.paths import cache_root
 
-    root = os.environ.get("FEDWARD_CACHE") or str(Path.home() / ".cache" / "fedward")
-    return Path(root) / "priors"
+    return cache_root() / "priors"
 
 
 class FrozenPrior(nn.Module):

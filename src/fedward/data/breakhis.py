@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from fedward.data.folders import IMAGE_EXTENSIONS
-from fedward.data.imagecache import decode_splits, default_cache_dir  # noqa: F401 (re-exported)
+from fedward.data.imagecache import decode_splits
 from fedward.data.synthetic_multires import (
     BINARY_NAMES,
     CLIENT_NAMES,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fedward.data.imagecache import decode_splits, default_cache_dir  # noqa: F401 (re-exported)
+from fedward.data.imagecache import decode_splits
 from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError

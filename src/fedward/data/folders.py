@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from fedward.data.imagecache import DICOM_SUFFIXES, decode_splits, default_cache_dir  # noqa: F401 (re-exported)
+from fedward.data.imagecache import DICOM_SUFFIXES, decode_splits
 from fedward.data.partition import carve_validation
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError

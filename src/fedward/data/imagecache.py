@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from fedward.paths import cache_root
 from fedward.errors import ConfigError, DataError
 
 # Bump whenever a change alters the decoded pixels or the file format: it is part of the cache key.
@@ -399,9 +400,9 @@ def decode_images(
     return result
 
 
-def default_cache_dir() -> Path:
+def decoded_cache_dir() -> Path:
     """``$FEDWARD_CACHE/decoded`` (``~/.cache/fedward/decoded`` when unset)."""
-    return Path(os.environ.get("FEDWARD_CACHE") or Path.home() / ".cache" / "fedward") / "decoded"
+    return cache_root() / "decoded"
 
 
 def decode_splits(listing: dict, order: list, image_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
@@ -413,7 +414,7 @@ def decode_splits(listing: dict, order: list, image_size: int, *, cache_dir: str
 
     paths = [path for key in order for path, _ in listing[key]]
     labels = torch.tensor([label for key in order for _, label in listing[key]], dtype=torch.int64)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else decoded_cache_dir()
     decoded = decode_images(paths, image_size, cache_dir=cache, skip_bad=skip_bad, progress=progress, preprocess=preprocess)
     kept = np.asarray(decoded.kept, dtype=np.int64)
     kept_labels = labels[torch.from_numpy(kept)]

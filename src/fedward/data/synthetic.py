@@ -32,6 +32,7 @@ from fedward.data.augment import gaussian_blur
 from fedward.data.partition import carve_validation, round_half_up
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError
+from fedward.paths import cache_root
 from fedward.seeding import numpy_generator, torch_generator
 from fedward.data.registry import ValidationSplit, register_dataset
 from fedward.options import option
@@ -118,11 +119,6 @@ RESOLUTION = (1.00, 0.60, 1.00, 0.80, 0.45, 0.50)  # fraction kept before upsamp
 VIGNETTE = (0.60, 0.00, 0.30, 0.00, 0.00, 0.50)  # dermoscope's dark circular border strength
 NOISE = (0.020, 0.030, 0.015, 0.030, 0.020, 0.050)  # sensor noise std on [0, 1] pixels
 NUM_HARMONICS = 4  # border harmonics k = 2 .. 5
-
-
-def default_cache_dir() -> Path:
-    """``$FEDWARD_CACHE`` or ``~/.cache/fedward``."""
-    return Path(os.environ.get("FEDWARD_CACHE") or Path.home() / ".cache" / "fedward")
 
 
 def scaled_counts(counts: tuple[tuple[int, ...], ...], scale: float) -> torch.Tensor:
@@ -373,7 +369,7 @@ def load(
         raise ConfigError(f"scale must be > 0, got {scale}")
     knobs = resolve_difficulty(difficulty)
     params = generation_params(seed, image_size, float(scale), knobs)
-    path = cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), params)
+    path = cache_path(Path(cache_dir) if cache_dir is not None else cache_root(), params)
     splits = None
     if path.exists():
         try:

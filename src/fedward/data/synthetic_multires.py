@@ -64,13 +64,13 @@ from fedward.data.synthetic import (
     _one_thread,
     _smooth_noise,
     appearance_modes,
-    default_cache_dir,
     feature_noise,
     render_lesions,
     resolve_difficulty,
 )
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError
+from fedward.paths import cache_root
 from fedward.seeding import numpy_generator, torch_generator
 from fedward.data.registry import BreakHisLabels, ValidationSplit, register_dataset
 from fedward.options import POSITIVE, option
@@ -300,7 +300,7 @@ def load(
     _check_arguments(image_size, patients_scale, images_per_patient, labels, shared_images, val_fraction)
     knobs = resolve_knobs(difficulty)
     params = generation_params(seed, image_size, float(patients_scale), images_per_patient, knobs)
-    path = cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), params)
+    path = cache_path(Path(cache_dir) if cache_dir is not None else cache_root(), params)
     x1 = _x1_images(params, path)
 
     subtypes = patient_subtypes(patients_scale).numpy()

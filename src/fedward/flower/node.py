@@ -32,18 +32,18 @@ import torch
 
 from fedward.algorithms.base import Arrays, ClientReply, ServerMessage
 from fedward.config import RunConfig, build_config
-from fedward.data.synthetic import default_cache_dir
 from fedward.data.types import FederatedData
 from fedward.engine.setup import configure_threads, load_data
 from fedward.engine.simulation import ClientTask, Simulation, client_model_payload
 from fedward.errors import ConfigError
+from fedward.paths import cache_root
 from fedward.tracking.rundir import atomic_torch_save
 
 STATE_FILE = re.compile(r"round-(\d+)\.pt$")
 
 
 def default_state_dir() -> Path:
-    return default_cache_dir() / "flower-nodes"
+    return cache_root() / "flower-nodes"
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints, results.
 
-Layout (names fixed by the contract in DESIGN.md)::
+Layout::
 
     config.yaml        resolved config, written once at the start
     metrics.jsonl      one JSON object per line; appended after every round
     tensorboard/       the same numbers as TensorBoard scalars (step = round)
-    checkpoints/       round_0003.pt ... written atomically
+    checkpoints/       last.pt: the last completed round's checkpoint, written atomically
     final_model.pt     (or final_model_client_<k>.pt for personalised methods)
     results.json       the summary of the run
     report.html        self-contained report (see ``fedward.tracking.report``)
@@ -260,7 +260,7 @@ class RunDirectory:
             raise FedwardError(f"run directory {root} exists and is a file; expected a folder or a new path")
         if root.is_dir() and any(root.iterdir()):
             if not overwrite:
-                raise FedwardError(f"run directory {root} exists and is not empty; choose another --output or pass --overwrite")
+                raise FedwardError(f"run directory {root} exists and is not empty; choose another --output, or continue it with --resume")
             if not ((root / CONFIG_NAME).exists() or (root / METRICS_NAME).exists()):
                 raise FedwardError(
                     f"run directory {root} is not empty and holds no {CONFIG_NAME} or {METRICS_NAME}; "
