@@ -51,10 +51,3 @@ def weighted_average(states: Sequence[Arrays], weights: Sequence[float]) -> Arra
                 acc64.add_(state[key].to(torch.float64), alpha=float(weight))
             result[key] = acc64.round().to(first.dtype)
     return result
-
-
-def trainable_names(model: torch.nn.Module) -> list[str]:
-    """State-dict keys of the model's parameters (BatchNorm running statistics are buffers, not
-    parameters: server optimizers leave them to the plain average, as FLamby, which exchanges
-    parameters only)."""
-    return [name for name, _ in model.named_parameters()]

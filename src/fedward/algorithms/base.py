@@ -11,6 +11,7 @@ never go into a reply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -279,6 +280,13 @@ class Algorithm:
     def global_model_name(self) -> str:
         """The registry name of the global model (recorded with the saved model)."""
         return self.cfg.model
+
+    @cached_property
+    def parameter_names(self) -> list[str]:
+        """State-dict keys of the global model's trainable parameters (BatchNorm running statistics
+        are buffers: server optimizers leave them to the plain average, as FLamby, which exchanges
+        parameters only)."""
+        return [name for name, _ in self.build_model().named_parameters()]
 
     # -- server side -------------------------------------------------------------------------
     def initial_server_state(self, global_state: Arrays) -> dict[str, Any]:

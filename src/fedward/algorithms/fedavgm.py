@@ -13,12 +13,10 @@ beta 0.9 (Hsu et al.'s usual value; Flower's default 0 is FedAvg itself).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 
-from fedward.algorithms.aggregate import trainable_names
 from fedward.algorithms.base import Arrays, ClientReply, LocalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
@@ -36,10 +34,6 @@ class FedAvgM(FedAvg):
     name = "fedavgm"
     summary = "FedAvgM (Hsu et al. 2019): FedAvg with momentum on the server's pseudo-gradient"
     Options = FedAvgMOptions
-
-    @cached_property
-    def parameter_names(self) -> list[str]:
-        return trainable_names(self.build_model())
 
     def initial_server_state(self, global_state: Arrays) -> dict[str, Any]:
         return {"momentum": {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in self.parameter_names}}

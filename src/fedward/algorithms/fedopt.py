@@ -22,12 +22,10 @@ exchanges parameters only; Flower applies the step to every array a client sends
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 
-from fedward.algorithms.aggregate import trainable_names
 from fedward.algorithms.base import Arrays, ClientReply, LocalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
@@ -53,10 +51,6 @@ class FedAdamOptions(FedYogiOptions):
 
 class FedOpt(FedAvg):
     """FedAvg's clients with an adaptive server step; subclasses say how v is updated."""
-
-    @cached_property
-    def parameter_names(self) -> list[str]:
-        return trainable_names(self.build_model())
 
     def initial_server_state(self, global_state: Arrays) -> dict[str, Any]:
         zeros = {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in self.parameter_names}

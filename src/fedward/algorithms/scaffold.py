@@ -19,12 +19,11 @@ option II assumes it, so ``--adam`` is refused) and eta_g = 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 
-from fedward.algorithms.aggregate import example_weights, trainable_names, weighted_average
+from fedward.algorithms.aggregate import example_weights, weighted_average
 from fedward.algorithms.base import Arrays, ClientReply, LocalTraining, ServerMessage, Workspace
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
@@ -50,10 +49,6 @@ class Scaffold(FedAvg):
         if cfg.adam:
             raise ConfigError("--method scaffold: option II's control variates (x - y) / (K lr) assume SGD steps; "
                               "drop --adam")
-
-    @cached_property
-    def parameter_names(self) -> list[str]:
-        return trainable_names(self.build_model())
 
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
         return set(global_state) | {CONTROL + k for k in self.parameter_names}
