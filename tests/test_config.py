@@ -118,3 +118,19 @@ def test_shipped_configs_are_valid(name):
 
     cfg = build_config(load_yaml(Path(__file__).parent.parent / "configs" / name))
     assert cfg.comm_round >= 1
+
+
+def _methods():
+    from fedward.algorithms import list_methods
+
+    return list_methods()
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_every_methods_config_pickles_and_round_trips(method):
+    """A worker pool (--devices cpu,cpu) sends the config to its processes; config.yaml rebuilds it."""
+    import pickle
+
+    extra = {"pre_trained_models": "random"} if method == "fedmas" else {}
+    cfg = build_config({"method": method, **extra})
+    assert pickle.loads(pickle.dumps(cfg)).to_dict() == cfg.to_dict() == build_config(cfg.to_dict()).to_dict()

@@ -128,16 +128,13 @@ def as_dict(options: Any) -> dict[str, Any]:
     return {f.name: getattr(options, f.name) for f in option_fields(type(options))} if options is not None else {}
 
 
-def with_defaults(cls: type, name: str, **defaults: Any) -> type:
-    """A subclass of options class ``cls`` whose listed fields have other defaults (same help and
-    checks), e.g. a method that defaults to plain SGD."""
-    known = {f.name: f for f in option_fields(cls)}
-    changed = []
-    for key, value in defaults.items():
-        if key not in known:
-            raise ValueError(f"{cls.__name__} has no option {key!r}")
-        changed.append((key, known[key].type, field(default=value, metadata=known[key].metadata)))
-    return dataclasses.make_dataclass(name, changed, bases=(cls,))
+def new_default(cls: type, name: str, value: Any) -> Any:
+    """Option ``name`` of options class ``cls`` with another default (same help and check), for a
+    subclass that redeclares it: ``momentum: float = new_default(LocalTraining, "momentum", 0.0)``."""
+    known = cls.__dataclass_fields__.get(name)
+    if known is None:
+        raise ValueError(f"{cls.__name__} has no option {name!r}")
+    return field(default=value, metadata=known.metadata)
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ import torch
 from fedward.algorithms.base import Arrays, ClientReply, LocalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
-from fedward.options import POSITIVE, PROBABILITY_LT1, option, with_defaults
+from fedward.options import POSITIVE, PROBABILITY_LT1, new_default, option
 
 
 @dataclass
@@ -45,7 +45,14 @@ class FedYogiOptions(FedAdagradOptions):
 
 
 @dataclass
+class FedYogiDefaults(FedYogiOptions):
+    server_lr: float = new_default(FedAdagradOptions, "server_lr", 0.01)
+    beta1: float = new_default(FedAdagradOptions, "beta1", 0.9)
+
+
+@dataclass
 class FedAdamOptions(FedYogiOptions):
+    beta1: float = new_default(FedAdagradOptions, "beta1", 0.9)
     bias_correction: bool = option(True, "correct the moments' bias (Kingma and Ba); false: FLamby's FedAdam")
 
 
@@ -83,7 +90,7 @@ class FedOpt(FedAvg):
 class FedAdam(FedOpt):
     name = "fedadam"
     summary = "FedAdam (Reddi et al. 2021): FedAvg clients, Adam on the server's pseudo-gradient"
-    Options = with_defaults(FedAdamOptions, "FedAdamDefaults", beta1=0.9)
+    Options = FedAdamOptions
 
     def second_moment(self, v, delta_sq):
         return self.cfg.beta2 * v + (1 - self.cfg.beta2) * delta_sq
@@ -98,7 +105,7 @@ class FedAdam(FedOpt):
 class FedYogi(FedOpt):
     name = "fedyogi"
     summary = "FedYogi (Reddi et al. 2021): FedAvg clients, Yogi on the server's pseudo-gradient"
-    Options = with_defaults(FedYogiOptions, "FedYogiDefaults", server_lr=0.01, beta1=0.9)
+    Options = FedYogiDefaults
 
     def second_moment(self, v, delta_sq):
         return v - (1 - self.cfg.beta2) * delta_sq * torch.sign(v - delta_sq)

@@ -28,13 +28,15 @@ from fedward.algorithms.base import Arrays, ClientReply, LocalTraining, ServerMe
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.errors import ConfigError
-from fedward.options import POSITIVE, option, with_defaults
+from fedward.options import POSITIVE, new_default, option
 
 CONTROL = "control/"  # prefix of the control-variate arrays in messages and replies
 
 
 @dataclass
-class ScaffoldOptions(with_defaults(LocalTraining, "PlainSGD", momentum=0.0, nesterov=False)):
+class ScaffoldOptions(LocalTraining):
+    momentum: float = new_default(LocalTraining, "momentum", 0.0)
+    nesterov: bool = new_default(LocalTraining, "nesterov", False)
     server_lr: float = option(1.0, "server learning rate eta_g", check=POSITIVE)
 
 
