@@ -127,3 +127,11 @@ def test_plugin_runs_on_flower_as_in_the_simulation(plugin, tmp_path, task_ident
 def test_a_plugin_that_does_not_exist_is_named():
     with pytest.raises(ConfigError, match="--plugins nowhere/toy.py: no such file"):
         build_config({"plugins": ["nowhere/toy.py"]})
+
+
+def test_a_yaml_file_may_list_the_plugin_and_use_its_options(plugin, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"plugins: [{plugin}]\nmethod: toytrimmed\ntrim: 1\ndataset: toyset\nmodel: toylinear\n"
+                      "image_size: 16\ncomm_round: 1\nclient_number: 3\npartition_method: iid\nprogress: false\n")
+    assert main(["run", "--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    assert RunDirectory.open_existing(tmp_path / "run").read_config()["trim"] == 1

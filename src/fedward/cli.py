@@ -231,25 +231,17 @@ def _scan(argv: Sequence[str], name: str) -> str | None:
 
 def _preload_plugins(argv: Sequence[str]) -> None:
     """Import the run's plugins before the parser is built, so their methods' flags exist."""
-    specs = [v for v in [_scan(argv, "plugins")] if v]
-    config = _scan(argv, "config")
-    if config:
-        try:
-            specs += [str(load_yaml_raw(config).get("plugins") or "")]
-        except (OSError, ConfigError):
-            pass  # the config is read (and its errors reported) after parsing
+    specs = [p.strip() for p in (_scan(argv, "plugins") or "").split(",") if p.strip()]
     if specs:
         from fedward.plugins import load_plugins
 
-        load_plugins([p.strip() for spec in specs for p in spec.split(",") if p.strip()])
-
-
-def load_yaml_raw(path: str) -> dict[str, Any]:
-    import yaml
-
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    return data if isinstance(data, dict) else {}
+        load_plugins(specs)
+    config = _scan(argv, "config")
+    if config:
+        try:
+            load_yaml(config)  # imports the plugins the file lists
+        except ConfigError:
+            pass  # the config is read again, and its errors reported, after parsing
 
 
 def _reject_dead_flags(unknown: Sequence[str]) -> None:

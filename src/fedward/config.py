@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from fedward.errors import ConfigError
-from fedward.options import NON_NEGATIVE, POSITIVE, as_dict, at_least, build_options, coerce, default_of, option, option_fields
+from fedward.options import (
+    NON_NEGATIVE, POSITIVE, as_dict, at_least, build_options, check_value, coerce, default_of, option, option_fields,
+)
 
 PARTITION_METHODS = ("natural", "homo", "iid", "hetero", "dirichlet", "pathological")
 # Keys a run directory's config.yaml carries for information; a config file may hold them.
@@ -168,6 +170,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k not in INFO_KEYS}
+    if data.get("plugins"):  # their methods' and data sets' keys are known once they are imported
+        from fedward.plugins import load_plugins
+
+        load_plugins(coerce(COMMON_FIELDS["plugins"], data["plugins"]))
     known = all_setting_names()
     for key in data:
         if key in DEAD_REFERENCE_FLAGS:
@@ -237,8 +243,6 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             raise ConfigError(_not_applicable(name, method, dataset, owners[name]))
         else:
             raise ConfigError(f"unknown setting '{name}'; see `fedward run --help`")
-    from fedward.options import check_value
-
     cfg = RunConfig(**{name: check_value(COMMON_FIELDS[name], coerce(COMMON_FIELDS[name], value))
                        for name, value in common.items()},
                     method_options=build_options(algorithm.Options, method_values),
