@@ -75,10 +75,17 @@ def _add_config_flags(parser, shown: dict[str, str | None]) -> None:
         group = parser.add_argument_group(f"options of {title}")
         for name in names:
             fields_ = [f for _, _, f in owners[name]]
-            defaults = sorted({repr(default_of(f)) for f in fields_})
+            defaults = {owner: default_of(f) for _, owner, f in owners[name]}
+            # the most common default, then the owners that default otherwise
+            counts: dict[str, int] = {}
+            for value in defaults.values():
+                counts[repr(value)] = counts.get(repr(value), 0) + 1
+            usual = max(counts, key=counts.get)
+            shown_default = "; ".join([str(next(v for v in defaults.values() if repr(v) == usual))] + [
+                f"{owner}: {value}" for owner, value in defaults.items() if repr(value) != usual])
             choices = fields_[0].metadata.get("choices")
             text = fields_[0].metadata["help"] + (f" ({'|'.join(choices)})" if choices else "") + \
-                f" (default: {', '.join(d.strip(chr(39)) for d in defaults)})"
+                f" (default: {shown_default})"
             _add_flag(group, fields_[0], text if visible else argparse.SUPPRESS)
 
 

@@ -35,14 +35,16 @@ class SequentialExecutor:
 _WORKER_SIM = None
 
 
-def _init_worker(cfg: RunConfig, data: FederatedData, device: str, threads: int) -> None:
+def _init_worker(settings: dict, data: FederatedData, device: str, threads: int) -> None:
     import torch
 
+    from fedward.config import build_config
     from fedward.engine.simulation import Simulation
 
     global _WORKER_SIM
     torch.set_num_threads(threads)
-    _WORKER_SIM = Simulation(cfg, data, device)
+    # The settings travel as a dict and are rebuilt here, so the run's plugins are imported first.
+    _WORKER_SIM = Simulation(build_config(settings), data, device)
 
 
 def _run_in_worker(task: "ClientTask", evaluate_local: bool) -> "ClientResult":
@@ -56,7 +58,7 @@ class PoolExecutor:
     def __init__(self, cfg: RunConfig, data: FederatedData, devices: list[str], threads: int):
         context = mp.get_context("spawn")
         self.pools = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker,
-                                          initargs=(cfg, data, device, threads)) for device in devices]
+                                          initargs=(cfg.to_dict(), data, device, threads)) for device in devices]
 
     def run(self, tasks: list["ClientTask"], *, evaluate_local: bool, progress: bool) -> list["ClientResult"]:
         futures = [self.pools[i % len(self.pools)].submit(_run_in_worker, task, evaluate_local)
