@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from fedward.config import build_config
+from fedward.config import applicable_settings, build_config
 from fedward.engine.simulation import prepare, run
 from fedward.metrics import mean_and_std
 from fedward.tracking import RunDirectory
@@ -81,7 +81,7 @@ def main() -> None:
             name = f"{label.replace(', ', '-').replace(' ', '_').replace('/', '')}-seed{seed}"
             folder = out / name
             if not (folder / "results.json").is_file():  # rerunning the script continues the grid
-                cfg = build_config({**base, **overrides, "seed": seed, "output": str(folder)})
+                cfg = build_config(applicable_settings({**base, **overrides, "seed": seed, "output": str(folder)}))
                 run_dir, data = prepare(cfg, overwrite=True)
                 start = time.perf_counter()
                 run(cfg, run_dir, data=data)

@@ -24,16 +24,3 @@ def tiny_values():
     """Settings for a run that takes about a second."""
     return dict(TINY)
 
-
-def applicable(values: dict) -> dict:
-    """``values`` without the settings that do not apply to its method and data set (one settings
-    dict shared by tests of several methods)."""
-    from fedward.algorithms import get_algorithm
-    from fedward.config import COMMON_NAMES, resolve_dataset
-    from fedward.data import get_dataset
-    from fedward.options import option_fields
-
-    method = get_algorithm(values.get("method", "fedavg"))
-    own = set(COMMON_NAMES) | {f.name for f in option_fields(method.Options)} | {
-        f.name for f in option_fields(get_dataset(resolve_dataset(values)).Options)}
-    return {k: v for k, v in values.items() if k in own}

@@ -23,8 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from fedward.algorithms import get_algorithm  # noqa: E402
 from fedward.algorithms.base import ClientReply, ServerMessage, TaskSpec  # noqa: E402
 from fedward.config import build_config  # noqa: E402
-
-from conftest import applicable  # noqa: E402
+from fedward.config import applicable_settings as applicable  # noqa: E402
 from fedward.engine.evaluation import Predictions  # noqa: E402
 from fedward.engine.simulation import prepare, run  # noqa: E402
 from fedward.errors import ConfigError, FedwardError  # noqa: E402

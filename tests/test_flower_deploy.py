@@ -23,8 +23,7 @@ pytest.importorskip("flwr")
 from conftest import TINY  # noqa: E402
 from fedward.algorithms import get_algorithm  # noqa: E402
 from fedward.config import build_config  # noqa: E402
-
-from conftest import applicable  # noqa: E402
+from fedward.config import applicable_settings as applicable  # noqa: E402
 from fedward.engine.setup import model_builder  # noqa: E402
 from fedward.engine.simulation import prepare, run  # noqa: E402
 from fedward.flower.launch import flower_env, free_port  # noqa: E402

@@ -18,8 +18,7 @@ from fedward.losses import distillation_kl
 from fedward.models import get_model
 from fedward.models.messenger import CrossAttention, FeatureAddition, build_fusion
 from fedward.tracking import RunDirectory
-
-from conftest import applicable
+from fedward.config import applicable_settings as applicable
 
 HETERO = dict(dataset="synthetic_multires", image_size=16, patients_scale=1.0, client_models="smallcnn,resnet5,smallcnn,resnet5",
               stem="small", messenger_dim=16, comm_round=2, batch_size=16, injection_epochs=1, distillation_epochs=1,

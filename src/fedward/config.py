@@ -158,6 +158,18 @@ def all_setting_names() -> set[str]:
     return set(COMMON_NAMES) | set(option_owners())
 
 
+def applicable_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the settings that do not apply to its method and data set: for one base
+    of settings shared by a grid of methods (a benchmark, a test)."""
+    from fedward.algorithms import get_algorithm
+    from fedward.data import get_dataset
+
+    method = get_algorithm(values.get("method", default_of(COMMON_FIELDS["method"])))
+    own = set(COMMON_NAMES) | {f.name for f in option_fields(method.Options)} | {
+        f.name for f in option_fields(get_dataset(resolve_dataset(values)).Options)}
+    return {k: v for k, v in values.items() if k in own}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict of settings (checked by :func:`build_config`)."""
     path = Path(path)
