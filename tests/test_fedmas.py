@@ -99,16 +99,10 @@ def test_the_seed_readme_commands_run_as_written(tmp_path, monkeypatch):
     torch.save({"epoch": 800, "arch": "resnet50",
                 "state_dict": {f"module.encoder_q.{k}": v for k, v in r50.items()}}, cache / "priors" / MOCO_FILE)
     monkeypatch.chdir(tmp_path)
-    for index, command in enumerate(_seed_readme_commands()):
-        out = tmp_path / f"run{index}"
-        tiny = ["--comm_round", "1", "--image_size", "16", "--data_scale", "0.03", "--batch_size", "16",
-                "--progress", "false", "--output", str(out)]
-        assert main(["run", *shlex.split(command), *tiny]) == 0, command
-        assert (out / "final_model.pt").is_file()
-    assert _agg_rows(tmp_path / "run2")[0]["weights"] == pytest.approx(
-        [x / sum(_agg_rows(tmp_path / "run2")[0]["robust_factor"]) for x in _agg_rows(tmp_path / "run2")[0]["robust_factor"]])
-
-    # The same commands on a user's existing Fed-MAS data folder (fake tree: real names and columns).
+    # Without the data folder the commands stop, naming it (never a silent run on synthetic data).
+    assert main(["run", *shlex.split(_seed_readme_commands()[0]), "--output", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+    # On a user's Fed-MAS data folder (fake tree: real names and columns).
     from test_fed_isic2019 import make_fedmas
 
     make_fedmas(tmp_path / "data")
@@ -117,6 +111,9 @@ def test_the_seed_readme_commands_run_as_written(tmp_path, monkeypatch):
         tiny = ["--comm_round", "1", "--image_size", "16", "--batch_size", "4", "--progress", "false", "--output", str(out)]
         assert main(["run", *shlex.split(command), *tiny]) == 0, command
         assert RunDirectory.open_existing(out).read_config()["client_names"][0] == "BCN"
+        assert (out / "final_model.pt").is_file()
+    assert _agg_rows(tmp_path / "real2")[0]["weights"] == pytest.approx(
+        [x / sum(_agg_rows(tmp_path / "real2")[0]["robust_factor"]) for x in _agg_rows(tmp_path / "real2")[0]["robust_factor"]])
 
 
 def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values):
