@@ -134,7 +134,10 @@ def test_shared_images_clients_are_degraded_square_x1(tree, tmp_path):
     assert not set(image_set(client3)) & set(image_set(x1))  # x8 changes every image
     # Square resize of the 48 x 16 files, aspect ignored: the black left quarter survives (a centre crop drops it).
     assert int(client0[:, :, :, :2].max()) < 40
-    assert len({tuple(s) for s in splits}) > 1  # each client draws its own split
+    assert len({tuple(s) for s in splits}) == 1  # one split for every client
+    with pytest.warns(UserWarning, match="reproduction"):
+        per_client = load(tree, tmp_path, shared_images=True, split_per_client=True)
+    assert len({tuple(sorted(set(per_client.info["patients"][k]["test"]))) for k in range(4)}) > 1
 
 
 @pytest.mark.parametrize("where", ["parent", "BreaKHis_v1", "histology_slides"])

@@ -16,7 +16,7 @@ from fedward.engine.setup import initial_global_state, load_data
 from fedward.engine.simulation import ClientTask, Simulation, run
 from fedward.losses import distillation_kl
 from fedward.models import get_model
-from fedward.models.messenger import CrossAttention, FeatureAddition, build_fusion
+from fedward.models.messenger import CrossAttention, FeatureAddition, LocalProjection, MessengerOnly, build_fusion
 from fedward.tracking import RunDirectory
 from fedward.config import applicable_settings as applicable
 
@@ -91,6 +91,16 @@ def test_feature_addition_by_hand():
     torch.testing.assert_close(add(messenger_map, local_map), torch.tensor([[[5.0, 9.0]]]))
 
 
+def test_none_fusion_is_W_d_alone_as_receiver_and_the_messenger_tokens_as_transmitter():
+    receiver, transmitter = build_fusion("none", "receiver", 1, 2), build_fusion("none", "transmitter", 1, 2)
+    assert isinstance(receiver, LocalProjection) and isinstance(transmitter, MessengerOnly)
+    _set(receiver.project_local, [[1.0], [-2.0]], [0.5, 0.0])
+    messenger_map = torch.full((1, 2, 1, 1), 9.0)  # ignored by R
+    local_map = torch.tensor([[[[1.0, 3.0]]]])  # two local tokens, one channel
+    torch.testing.assert_close(receiver(messenger_map, local_map), torch.tensor([[[1.5, -2.0], [3.5, -6.0]]]))
+    torch.testing.assert_close(transmitter(messenger_map, local_map), torch.full((1, 1, 2), 9.0))
+
+
 def test_messenger_head_on_tokens_equals_forward():
     messenger = get_model("messenger", num_classes=3, image_size=32, width=8).eval()
     x = torch.rand(2, 3, 32, 32)
@@ -153,6 +163,27 @@ def test_distillation_freezes_the_local_model_and_trains_the_messenger_and_T():
     assert all(torch.equal(state["local"][k], initial_local[k]) for k in initial_local)
     assert any(not torch.equal(reply.arrays[k], global_state[k]) for k in global_state)
     assert reply.metrics["num-examples"] == len(data.clients[0].train)
+
+
+def test_none_ablation_keeps_a_messenger_to_local_path():
+    """With ``--mhpflid_fusion none`` the injection term M_h(W_d L_b x) still reaches the local model:
+    its local model differs from `local` with the same optimizer, clip and batches, and equals it
+    exactly once that term's weight is 0 (so the comparison isolates the term, nothing else)."""
+    same = {"client_models": "smallcnn,resnet5,smallcnn,resnet5", "augment": False}
+
+    def local_after_one_round(values):
+        cfg, data, sim, global_state = _simulation({**same, **values})
+        state: dict = {}
+        sim.run_client(ClientTask(1, 1, sim.algorithm.server_message(1, global_state, {}), state), False)
+        return state.get("local", state.get("model"))
+
+    alone = local_after_one_round({"method": "local", "adam": True, "lr": 1e-4, "grad_clip": 1.0, "epochs": 1})
+    mhpflid = {"method": "mhpflid", "mhpflid_fusion": "none", "lambda_inj_local": 1.0, "injection_epochs": 1,
+               "distillation_epochs": 0}
+    without_term = local_after_one_round({**mhpflid, "lambda_inj_messenger": 0.0})
+    with_term = local_after_one_round(mhpflid)
+    assert all(torch.equal(without_term[k], alone[k]) for k in alone)
+    assert any(not torch.equal(with_term[k], alone[k]) for k in alone if alone[k].is_floating_point())
 
 
 def test_clients_keep_their_own_architectures_and_seeded_local_models():

@@ -4,8 +4,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedward.data import FederatedData, synthetic_multires
+from fedward.data.types import Split
 from fedward.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -129,16 +131,28 @@ def test_validation_is_whole_patients_from_train(cache):
         assert len(more.clients[client].val) == 2 * len(val)  # every view of a val patient
 
 
-def test_shared_setting_every_client_holds_every_patient(shared):
+def test_shared_setting_every_client_holds_every_patient_under_one_split(shared):
     everyone = sorted((p, v) for p in range(sum(PATIENTS_AT_05)) for v in range(2))
-    tests = []
+    splits = []
     for client in range(4):
         assert sorted(_images_by_view(shared, client)) == everyone
         parts = {split: set(shared.info["patients"][client][split]) for split in SPLITS}
         assert not parts["train"] & parts["test"] and not parts["val"] & parts["test"] and not parts["train"] & parts["val"]
         assert set(shared.clients[client].test.labels.tolist()) == {0, 1}
-        tests.append(parts["test"])
+        splits.append(parts)
+    # One split for all: no client's test patient is another client's training patient.
+    assert all(s == splits[0] for s in splits)
+
+
+def test_split_per_client_is_the_reproductions_leaky_split(cache):
+    with pytest.warns(UserWarning, match="other clients' training patients"):
+        data = synthetic_multires.load(cache_dir=cache, shared_images=True, split_per_client=True, **SMALL)
+    tests = [set(data.info["patients"][k]["test"]) for k in range(4)]
+    trains = [set(data.info["patients"][k]["train"]) for k in range(4)]
     assert len({frozenset(t) for t in tests}) == 4  # each client's own split seed
+    assert any(tests[a] & trains[b] for a in range(4) for b in range(4) if a != b)  # the leak
+    with pytest.raises(ConfigError, match="--shared_images true"):
+        synthetic_multires.load(cache_dir=cache, split_per_client=True, **SMALL)
 
 
 def test_x1_images_are_one_render_and_clients_degrade_it(disjoint, shared, cache):
@@ -162,6 +176,32 @@ def test_coarser_clients_lose_high_frequencies(shared):
 
     by_client = [roughness(torch.stack([img for _, img in sorted(_images_by_view(shared, k).items())])) for k in range(4)]
     assert by_client[0] > by_client[1] > by_client[2] > by_client[3]
+
+
+def test_label_signal_lives_in_fine_detail(tmp_path):
+    """A linear probe on the same patients' images degraded by 1, 4, 8 and 32 (one pixel: the mean
+    colour): accuracy falls with the factor and nothing is left in the mean colour."""
+    from fedward.data.probe import probe_balanced_accuracy
+
+    data = synthetic_multires.load(cache_dir=tmp_path, seed=0, image_size=32, patients_scale=2.0, images_per_patient=6,
+                                   shared_images=True)
+    client = data.clients[0]  # x1: every patient, undegraded
+    score = {d: probe_balanced_accuracy(Split(synthetic_multires.degrade(client.train.images, d), client.train.labels),
+                                        Split(synthetic_multires.degrade(client.test.images, d), client.test.labels))
+             for d in (1, 4, 8, 32)}
+    assert score[1] > 0.75 and score[1] > score[4] + 0.04 > score[8] + 0.08, score
+    assert abs(score[32] - 0.5) < 0.07, score
+
+
+def test_texture_scales_are_aligned_blocks_that_downsampling_removes():
+    weights = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    texture = synthetic_multires.fine_texture(weights, 32, torch.Generator().manual_seed(0))
+    assert abs(float(texture[0].mean())) < 0.12 and abs(float(texture[0].std()) - 1) < 0.1  # 1024 unit normals
+    blocks = texture[1, 0].reshape(4, 8, 4, 8)  # the 8-pixel component: constant on aligned 8x8 blocks
+    assert torch.equal(blocks, blocks[:, :1, :, :1].expand_as(blocks))
+    # Area downsampling by 8 leaves the 8-pixel blocks and averages 1-pixel noise nearly away.
+    pooled = F.avg_pool2d(texture, 8)
+    assert float(pooled[1].std()) > 0.8 and float(pooled[0].std()) < 0.25
 
 
 def test_degrade_matches_area_pool_then_bilinear_by_hand():

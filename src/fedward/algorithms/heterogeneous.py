@@ -76,7 +76,8 @@ class SharedModelMethod(Algorithm):
     average the shared model's replies (BatchNorm buffers included)."""
 
     personalised = True
-    default_overrides = {"batch_size": 8}  # the MH-pFLID seed's batch size
+    # The MH-pFLID seed's batch size; its reproduction resizes and trains without augmentation.
+    default_overrides = {"batch_size": 8, "augment": False}
     default_grad_clip: float  # each method's reference clip; --grad_clip overrides it
 
     @classmethod

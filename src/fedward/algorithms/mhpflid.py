@@ -71,7 +71,8 @@ class MHpFLIDOptions(SharedModelOptions):
     lambda_dis_kl: float = option(0.1, "weight of KL(local || messenger) in the distillation loss", check=NON_NEGATIVE)
     kd_temperature: float = option(1.0, "distillation temperature", check=POSITIVE)
     mhpflid_fusion: str = option("attention", "R/T: attention (the paper), add (ablation: 1x1-conv feature addition), "
-                                              "none (ablation)", choices=FUSIONS, lower=True)
+                                              "none (ablation: R is W_d alone, T passes the messenger's tokens)",
+                                 choices=FUSIONS, lower=True)
 
 
 @register_method
@@ -99,7 +100,7 @@ class MHpFLID(SharedModelMethod):
     def diagnostic_models(self, ws: Workspace, client: ClientData, state: dict[str, Any]) -> dict[str, nn.Module]:
         """The messenger path, with the messenger the client just trained (still in ``ws.model``
         right after its update) and its own R and local model."""
-        if "local" not in state or self.cfg.mhpflid_fusion == "none":
+        if "local" not in state:
             return {}
         local = self.load_local(ws, client, state)
         return {"messenger-path": MessengerPath(ws.model, local, self.fusion(ws, client, state, "receiver"))}
@@ -112,15 +113,13 @@ class MHpFLID(SharedModelMethod):
         receiver = self.fusion(ws, client, state, "receiver")
         transmitter = self.fusion(ws, client, state, "transmitter")
         loss_fn = self.task_loss(client, message.round)
-        uses_local_features = cfg.mhpflid_fusion != "none"
         stage = dict(batch_size=cfg.batch_size, generator=generator, clip=self.grad_clip)
 
         # -- injection: messenger frozen (eval mode: its head's BatchNorm statistics stay as sent)
         def injection_loss(inputs, labels):
             local_map = local.feature_map(inputs)
             loss = cfg.lambda_inj_local * loss_fn(pooled_logits(local, local_map), labels)
-            if uses_local_features and cfg.lambda_inj_messenger > 0:
-                # Without R the messenger path has no trainable part here, so the term is skipped.
+            if cfg.lambda_inj_messenger > 0:
                 with torch.no_grad():
                     messenger_map = messenger.feature_map(inputs)
                 routed = messenger.classify_tokens(receiver(messenger_map, local_map))

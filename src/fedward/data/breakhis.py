@@ -30,8 +30,10 @@ Two settings, as in ``synthetic_multires``:
 * ``shared_images=False`` (default, patient-disjoint): patients are dealt to the four clients,
   stratified by subtype and seeded, so no patient is at two clients; each client splits its own
   patients 70/30 into train/test, grouped and stratified by the binary label.
-* ``shared_images=True`` (the MH-pFLID reproduction): every client holds every image at its own
-  resolution, with its own grouped 70/30 split drawn from ``REPRODUCTION_SPLIT_SEEDS``.
+* ``shared_images=True`` (the MH-pFLID reproduction's data): every client holds every image at its
+  own resolution, with one grouped 70/30 split for all clients; ``split_per_client=True`` gives
+  each client its own split drawn from ``REPRODUCTION_SPLIT_SEEDS`` as the reproduction does,
+  which leaks test patients across clients through the shared model (it warns).
 
 Validation groups are carved, grouped and stratified, from each client's train groups. The group
 is the patient folder (``group_by="patient"``, default) or, to reproduce the reproduction,
@@ -60,13 +62,13 @@ from fedward.data.synthetic_multires import (
     DOWNSAMPLING,
     NUM_BENIGN_SUBTYPES,
     NUM_CLIENTS,
-    REPRODUCTION_SPLIT_SEEDS,
     SPLITS,
     SUBTYPE_NAMES,
     check_split_options,
     client_patients,
     deal_patients,
     degrade,
+    shared_image_splits,
 )
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.errors import ConfigError, DataError
@@ -144,7 +146,8 @@ def scan(root: Path, magnifications: tuple[str, ...]) -> list[tuple[Path, str, i
     return records
 
 
-def _check_arguments(image_size, magnifications, labels, shared_images, group_by, val_fraction) -> tuple[str, ...]:
+def _check_arguments(image_size, magnifications, labels, shared_images, split_per_client, group_by,
+                     val_fraction) -> tuple[str, ...]:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
     if isinstance(magnifications, str):
@@ -153,7 +156,7 @@ def _check_arguments(image_size, magnifications, labels, shared_images, group_by
     unknown = [m for m in magnifications if m not in MAGNIFICATIONS]
     if not magnifications or unknown or len(set(magnifications)) != len(magnifications):
         raise ConfigError(f"magnifications must be distinct values among {', '.join(MAGNIFICATIONS)}, got {magnifications!r}")
-    check_split_options(labels, shared_images, val_fraction)
+    check_split_options(labels, shared_images, val_fraction, split_per_client)
     if group_by not in GROUP_CHOICES:
         raise ConfigError(f"group_by must be one of {', '.join(GROUP_CHOICES)}, got {group_by!r}")
     return tuple(m for m in MAGNIFICATIONS if m in magnifications)
@@ -175,6 +178,7 @@ def load(
     magnifications: tuple[str, ...] | list[str] | str = MAGNIFICATIONS,
     labels: str = "binary",
     shared_images: bool = False,
+    split_per_client: bool = False,
     group_by: str = "patient",
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -187,7 +191,8 @@ def load(
     Images that cannot be read raise ``DataError`` naming them, unless ``skip_bad_images`` (then
     they are left out and counted in ``info["skipped_bad_images"]``).
     """
-    magnifications = _check_arguments(image_size, magnifications, labels, shared_images, group_by, val_fraction)
+    magnifications = _check_arguments(image_size, magnifications, labels, shared_images, split_per_client, group_by,
+                                      val_fraction)
     if group_by == "patient_magnification":
         warnings.warn(f"{NAME}: group_by='patient_magnification' groups images by patient folder and magnification, as the "
                       f"MH-pFLID reproduction does: one patient's images at different magnifications can fall in both "
@@ -230,8 +235,7 @@ def load(
     group_patient[image_group] = image_patient
 
     if shared_images:
-        splits = [client_patients(groups, group_binary, val_fraction, seed, NAME, "shared", split_seed)
-                  for split_seed in REPRODUCTION_SPLIT_SEEDS]  # fmt: skip
+        splits = shared_image_splits(groups, group_binary, val_fraction, seed, NAME, split_per_client=split_per_client)
     else:
         present = np.unique(image_patient)
         owners = [present[np.isin(present, dealt)] for dealt in
@@ -278,6 +282,7 @@ def load(
         "magnifications": list(magnifications),
         "labels": labels,
         "shared_images": shared_images,
+        "split_per_client": split_per_client,
         "group_by": group_by,
         "val_fraction": val_fraction,
         "seed": seed,
@@ -306,6 +311,6 @@ class Options(BreakHisLabels, ImageFiles):
 def from_config(cfg) -> FederatedData:
     """BreakHis from --data_dir: 4 clients at x1/x2/x4/x8"""
     return load(data_dir=cfg.data_dir, image_size=cfg.image_size, magnifications=cfg.magnifications,
-                labels=cfg.label_set, shared_images=cfg.shared_images, group_by=cfg.group_by,
+                labels=cfg.label_set, shared_images=cfg.shared_images, split_per_client=cfg.split_per_client, group_by=cfg.group_by,
                 val_fraction=cfg.val_fraction, seed=cfg.data_seed, skip_bad_images=cfg.skip_bad_images,
                 progress=cfg.progress)

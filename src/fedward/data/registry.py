@@ -76,4 +76,6 @@ class BreakHisLabels:
     label_set: str = option("binary", "binary (benign/malignant, MH-pFLID's task) or subtype (8 tumour types)",
                             choices=("binary", "subtype"))
     shared_images: bool = option(False, "every client holds all patients' images at its own resolution (the MH-pFLID "
-                                        "reproduction's setting) instead of disjoint patients")
+                                        "reproduction's data) instead of disjoint patients; one patient split for all")
+    split_per_client: bool = option(False, "with --shared_images: each client re-splits the patients with its own seed, "
+                                           "as the reproduction (leaks test patients across clients; warns)")

@@ -15,21 +15,34 @@ structure; no BreakHis image is used. It copies these facts:
   ``DOWNSAMPLING[k]`` and resized back (bilinear) to ``image_size``;
 * 70/30 train/test splits grouped by patient (no patient in both), stratified by the binary label.
 
-Each subtype draws its appearance from one of the generator prototypes of
-``fedward.data.synthetic`` (``SUBTYPE_PROTOTYPE``). The confusable prototype pairs MEL/NV
-(ductal carcinoma / fibroadenoma) and AK/BKL (papillary carcinoma / adenosis) straddle the
-benign/malignant boundary, which keeps the binary task non-trivial (``class_overlap`` pulls them
-together). Every patient has its own lesion features (a class appearance mode plus patient
-jitter) and skin tone; each of its images is another view of it (small feature jitter, its own
-position, orientation and border, texture and sensor noise). There is no per-client acquisition
-shift: resolution is the only thing that differs between clients.
+The label lives in fine detail, as BreakHis's benign/malignant signal (nuclear texture) does:
+every image is a tissue field with a "chromatin" texture, zero-mean block noise at block sizes
+1, 2, 4 and 8 pixels (``TEXTURE_SCALES``, weighted by the subtype's ``SCALE_PROFILES``), whose
+amplitude is the patient's and is higher for malignant patients (the two amplitude ranges overlap
+by ``class_overlap``). The texture moves each pixel by a symmetric, never-clipped amount, so a
+region's mean colour does not depend on the label; area downsampling by d averages the blocks
+smaller than d away, so the x2, x4 and x8 clients see less and less of the cue. The coarse
+appearance (colour, lesion shape, skin tone: one of four tissue prototypes of
+``fedward.data.synthetic`` per patient, ``TISSUE_PROTOTYPES``, with appearance modes and patient
+and view jitter) is drawn independently of the label. A linear probe on fixed random features
+(``fedward.data.probe``) of all patients' images degraded by 1/2/4/8/32 scores
+0.85/0.77/0.76/0.66/0.49 balanced accuracy at 32 px (mean of data seeds 0 and 1; the test
+checks the trend); the first version of this set, whose classes differed in colour and shape,
+scored 0.79/0.79/0.77/0.73/0.57 on the same probe: no trend, and label signal in the mean colour.
+There is no per-client acquisition shift: resolution is the only thing
+that differs between clients.
 
 Two settings:
 
 * ``shared_images=False`` (default, patient-disjoint): patients are dealt to the four clients,
   stratified by subtype, so no patient is at two clients; each client splits its own patients.
-* ``shared_images=True`` (the MH-pFLID reproduction): every client holds all patients' images at
-  its own resolution, with its own patient-grouped split drawn from ``REPRODUCTION_SPLIT_SEEDS``.
+* ``shared_images=True`` (the MH-pFLID reproduction's data): every client holds all patients' images
+  at its own resolution. By default one patient-grouped split serves every client, so a test
+  patient is a test patient everywhere and only the resolution differs. With
+  ``split_per_client=True`` each client re-splits all patients with its own seed from
+  ``REPRODUCTION_SPLIT_SEEDS``, as the reproduction does: then most of one client's test patients
+  are another client's training patients, and a shared model carries them across (a leak; it
+  warns).
 
 Validation patients are carved, grouped and stratified, from each client's train patients.
 
@@ -90,24 +103,39 @@ LABEL_CHOICES = ("binary", "subtype")
 NUM_BENIGN_SUBTYPES = 4
 # BreakHis: patients per subtype, in SUBTYPE_NAMES order (24 benign + 58 malignant = 82).
 BREAKHIS_PATIENTS = (4, 10, 3, 7, 38, 5, 9, 6)
-# Index into synthetic.CLASS_NAMES of the prototype each subtype is drawn from.
-SUBTYPE_PROTOTYPE = tuple(
-    synthetic.CLASS_NAMES.index(p) for p in ("BKL", "NV", "DF", "VASC", "MEL", "BCC", "SCC", "AK")
-)
+# Coarse tissue appearances (indices into synthetic.CLASS_NAMES): each patient draws one uniformly,
+# independently of its subtype, so colour and shape, which survive downsampling, carry no label.
+TISSUE_PROTOTYPES = tuple(synthetic.CLASS_NAMES.index(p) for p in ("BKL", "NV", "DF", "VASC"))
+# The fine "chromatin" texture: zero-mean block noise at these block sizes in pixels. Area
+# downsampling by d averages a block of size c < d away (its residual std is about c / d), so
+# client x_d keeps only the components with c >= d.
+TEXTURE_SCALES = (1, 2, 4, 8)
+# Each subtype's weight on each texture scale (the subtype task's cue): pair p = subtype % 4, one
+# benign and one malignant subtype, leans on scale p. Every profile has the same total energy.
+SCALE_PROFILES = tuple(tuple(0.6 if c == s % 4 else 0.35 for c in range(len(TEXTURE_SCALES))) for s in range(8))
+# The label: a patient's texture amplitude, uniform on [low, high] for its binary class, the two
+# ranges overlapping by class_overlap x OVERLAP_WIDTH around MIDPOINT.
+AMPLITUDE_RANGE = (0.05, 0.95)
+MIDPOINT = 0.5
+OVERLAP_WIDTH = 0.4
+FINE_CONTRAST = 1.0  # texture strength at amplitude 1, in units of a pixel's headroom to 0 or 1
+VIEW_AMPLITUDE_NOISE = 0.1  # relative jitter of the amplitude between a patient's images
 # The seeds the MH-pFLID reproduction split each client's patients with (shared_images=True).
 REPRODUCTION_SPLIT_SEEDS = (17, 27, 117, 1017)
 
 TEST_FRACTION = 0.3
-VIEW_NOISE = 0.3  # per-view jitter of the patient's lesion features, x FEATURE_SCALE
+VIEW_NOISE = 0.3  # per-view jitter of the patient's coarse appearance features, x FEATURE_SCALE
 SKIN_JITTER = 0.04  # per-patient skin tone spread along COLOUR_AXES
 SKIN_TEXTURE = 0.04
 SENSOR_NOISE = 0.02  # std on [0, 1] pixels, times the sensor_noise knob
-# The difficulty knobs of fedward.data.synthetic that act here (there are no hospital mixtures
-# or acquisition profiles, so mode_concentration and hospital_shift do not apply).
+# The difficulty knobs that act here (there are no hospital mixtures or acquisition profiles, so
+# mode_concentration and hospital_shift do not apply). class_overlap is the overlap of the benign
+# and malignant texture amplitudes; the others shape the coarse appearance as in
+# fedward.data.synthetic.
 KNOBS = ("class_overlap", "appearance_noise", "num_modes", "mode_spread", "sensor_noise")
 
 # Bump whenever a change alters the rendered x1 pixels: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 
@@ -163,19 +191,45 @@ def _generate_images(params: dict) -> torch.Tensor:
         return _render(params)
 
 
+def texture_amplitudes(binary: torch.Tensor, class_overlap: float, generator: torch.Generator) -> torch.Tensor:
+    """(P,) each patient's fine-texture amplitude: uniform on its binary class's range."""
+    half = 0.5 * class_overlap * OVERLAP_WIDTH
+    low = torch.where(binary == 1, torch.tensor(MIDPOINT - half), torch.tensor(AMPLITUDE_RANGE[0]))
+    high = torch.where(binary == 1, torch.tensor(AMPLITUDE_RANGE[1]), torch.tensor(MIDPOINT + half))
+    return low + (high - low) * torch.rand(len(binary), generator=generator)
+
+
+def fine_texture(weights: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(N, 1, S, S) zero-mean unit-variance texture: per image, the sum over TEXTURE_SCALES of block
+    noise (a Gaussian per c x c block, the grid aligned to the image) weighted by ``weights`` (N, 4)."""
+    total = torch.zeros(len(weights), 1, size, size)
+    for column, scale in enumerate(TEXTURE_SCALES):
+        cells = -(-size // scale)
+        blocks = torch.randn(len(weights), 1, cells, cells, generator=generator)
+        field = blocks.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)[..., :size, :size]
+        total += weights[:, column].reshape(-1, 1, 1, 1) * field
+    return total / weights.pow(2).sum(1).sqrt().reshape(-1, 1, 1, 1)
+
+
 def _render(params: dict) -> torch.Tensor:
     seed, size, views, knobs = params["seed"], params["image_size"], params["images_per_patient"], params["difficulty"]
     subtypes = patient_subtypes(params["patients_scale"])
-    prototypes = torch.tensor(SUBTYPE_PROTOTYPE)[subtypes]
     patients = len(subtypes)
     per_patient = torch_generator(seed, NAME, "patients")
+    tissue = torch.tensor(TISSUE_PROTOTYPES)[torch.randint(len(TISSUE_PROTOTYPES), (patients,), generator=per_patient)]
     mode = torch.randint(knobs["num_modes"], (patients,), generator=per_patient)
     patient_jitter = knobs["appearance_noise"] * FEATURE_SCALE * feature_noise(patients, per_patient)
-    lesion_features = (appearance_modes(seed, knobs)[prototypes, mode] + patient_jitter).clamp(FEATURE_MIN, FEATURE_MAX)
+    lesion_features = (appearance_modes(seed, knobs)[tissue, mode] + patient_jitter).clamp(FEATURE_MIN, FEATURE_MAX)
     skin_tone = torch.tensor(SKIN_COMMON) + SKIN_JITTER * torch.randn(patients, 3, generator=per_patient) @ COLOUR_AXES.T
     skin_tone = skin_tone.clamp(0, 1).repeat_interleave(views, dim=0)[:, :, None, None]
-    view_jitter = VIEW_NOISE * FEATURE_SCALE * feature_noise(patients * views, torch_generator(seed, NAME, "views"))
+    binary = (subtypes >= NUM_BENIGN_SUBTYPES).long()
+    amplitude = texture_amplitudes(binary, knobs["class_overlap"], torch_generator(seed, NAME, "amplitudes"))
+    view_generator = torch_generator(seed, NAME, "views")
+    view_jitter = VIEW_NOISE * FEATURE_SCALE * feature_noise(patients * views, view_generator)
     features = (lesion_features.repeat_interleave(views, dim=0) + view_jitter).clamp(FEATURE_MIN, FEATURE_MAX)
+    amplitude = (amplitude.repeat_interleave(views)
+                 * (1 + VIEW_AMPLITUDE_NOISE * torch.randn(patients * views, generator=view_generator))).clamp(min=0)
+    weights = torch.tensor(SCALE_PROFILES)[subtypes].repeat_interleave(views, dim=0)
     generator = torch_generator(seed, NAME, "render")
     noise = SENSOR_NOISE * knobs["sensor_noise"]
     rendered = []
@@ -184,6 +238,12 @@ def _render(params: dict) -> torch.Tensor:
         lesion_mask, lesion_colour = render_lesions(features[first:last], size, generator)
         background = skin_tone[first:last] * (1 + SKIN_TEXTURE * _smooth_noise(last - first, 6, size, generator))
         pixels = torch.lerp(background, lesion_colour, lesion_mask)
+        # The label's cue: fine texture over the whole tissue field. It moves each pixel by
+        # headroom * tanh(.) of a symmetric zero-mean field, which never leaves [0, 1], so nothing is
+        # clipped and the mean colour of a region (all a coarse client sees) does not depend on the label.
+        texture = fine_texture(weights[first:last], size, generator)
+        headroom = torch.minimum(pixels, 1 - pixels).clamp(min=0)
+        pixels = pixels + headroom * torch.tanh(FINE_CONTRAST * amplitude[first:last].reshape(-1, 1, 1, 1) * texture)
         if noise > 0:
             pixels = pixels + noise * torch.randn(pixels.shape, generator=generator)
         rendered.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8))
@@ -257,22 +317,42 @@ def client_patients(patients: np.ndarray, binary: np.ndarray, val_fraction: floa
     return {"train": train, "val": val, "test": test}
 
 
-def _check_arguments(image_size, patients_scale, images_per_patient, labels, shared_images, val_fraction) -> None:
+def shared_image_splits(groups: np.ndarray, binary: np.ndarray, val_fraction: float, seed: int, *keys,
+                        split_per_client: bool) -> list[dict[str, np.ndarray]]:
+    """Every client's split of all patient groups (``shared_images``): one split for all clients, or
+    with ``split_per_client`` one per client from ``REPRODUCTION_SPLIT_SEEDS`` (the reproduction's)."""
+    if split_per_client:
+        warnings.warn("split_per_client: each client re-splits all patients with its own seed (the MH-pFLID "
+                      "reproduction): most of a client's test patients are other clients' training patients, and the "
+                      "shared model carries them across", UserWarning, stacklevel=3)
+        return [client_patients(groups, binary, val_fraction, seed, *keys, "shared", split_seed)
+                for split_seed in REPRODUCTION_SPLIT_SEEDS]  # fmt: skip
+    one = client_patients(groups, binary, val_fraction, seed, *keys, "shared")
+    return [one] * NUM_CLIENTS
+
+
+def _check_arguments(image_size, patients_scale, images_per_patient, labels, shared_images, val_fraction,
+                     split_per_client) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
         raise ConfigError(f"image_size must be an integer >= 16, got {image_size!r}")
     if isinstance(patients_scale, bool) or not isinstance(patients_scale, (int, float)) or not (0 < patients_scale < math.inf):
         raise ConfigError(f"patients_scale must be a number > 0, got {patients_scale!r}")
     if isinstance(images_per_patient, bool) or not isinstance(images_per_patient, int) or images_per_patient < 1:
         raise ConfigError(f"images_per_patient must be an integer >= 1, got {images_per_patient!r}")
-    check_split_options(labels, shared_images, val_fraction)
+    check_split_options(labels, shared_images, val_fraction, split_per_client)
 
 
-def check_split_options(labels, shared_images, val_fraction) -> None:
+def check_split_options(labels, shared_images, val_fraction, split_per_client) -> None:
     """The options this data set shares with the real BreakHis loader."""
     if labels not in LABEL_CHOICES:
         raise ConfigError(f"labels must be one of {', '.join(LABEL_CHOICES)}, got {labels!r}")
     if not isinstance(shared_images, bool):
         raise ConfigError(f"shared_images must be true or false, got {shared_images!r}")
+    if not isinstance(split_per_client, bool):
+        raise ConfigError(f"split_per_client must be true or false, got {split_per_client!r}")
+    if split_per_client and not shared_images:
+        raise ConfigError("--split_per_client applies with --shared_images true (disjoint patients already give each "
+                          "client its own split)")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
 
@@ -285,6 +365,7 @@ def load(
     images_per_patient: int = 6,
     labels: str = "binary",
     shared_images: bool = False,
+    split_per_client: bool = False,
     val_fraction: float = 0.1,
     cache_dir: str | Path | None = None,
     **difficulty: float,
@@ -297,7 +378,8 @@ def load(
     client assignment, splits and degradation are redone at every load (they are cheap), so
     ``labels``, ``shared_images`` and ``val_fraction`` are not part of the cache key.
     """
-    _check_arguments(image_size, patients_scale, images_per_patient, labels, shared_images, val_fraction)
+    _check_arguments(image_size, patients_scale, images_per_patient, labels, shared_images, val_fraction,
+                     split_per_client)
     knobs = resolve_knobs(difficulty)
     params = generation_params(seed, image_size, float(patients_scale), images_per_patient, knobs)
     path = cache_path(Path(cache_dir) if cache_dir is not None else cache_root(), params)
@@ -308,8 +390,7 @@ def load(
     patient_labels = torch.from_numpy(subtypes if labels == "subtype" else binary)
     all_patients = np.arange(len(subtypes))
     if shared_images:
-        splits = [client_patients(all_patients, binary, val_fraction, seed, "shared", split_seed)
-                  for split_seed in REPRODUCTION_SPLIT_SEEDS]  # fmt: skip
+        splits = shared_image_splits(all_patients, binary, val_fraction, seed, split_per_client=split_per_client)
     else:
         owners = deal_patients(subtypes, numpy_generator(seed, NAME, "clients"))
         splits = [client_patients(owned, binary, val_fraction, seed, client) for client, owned in enumerate(owners)]
@@ -332,6 +413,7 @@ def load(
     class_names = list(SUBTYPE_NAMES) if labels == "subtype" else list(BINARY_NAMES)
     info = {"source": NAME, "seed": seed, "image_size": image_size, "patients_scale": float(patients_scale),
             "images_per_patient": images_per_patient, "labels": labels, "shared_images": shared_images,
+            "split_per_client": split_per_client,
             "val_fraction": val_fraction, "downsampling": list(DOWNSAMPLING), "generator_version": GENERATOR_VERSION,
             "difficulty": knobs, "cache_file": str(path), "patient_subtypes": subtypes.tolist(),
             "patients": patients_info, "views": views_info}  # fmt: skip
@@ -347,4 +429,4 @@ class Options(BreakHisLabels, ValidationSplit):
 def from_config(cfg) -> FederatedData:
     """built in, BreakHis-like: 4 clients at x1/x2/x4/x8 resolution (for mhpflid)"""
     return load(seed=cfg.data_seed, image_size=cfg.image_size, patients_scale=cfg.patients_scale, labels=cfg.label_set,
-                shared_images=cfg.shared_images, val_fraction=cfg.val_fraction)
+                shared_images=cfg.shared_images, split_per_client=cfg.split_per_client, val_fraction=cfg.val_fraction)

@@ -110,8 +110,23 @@ class FeatureAddition(nn.Module):
         return tokens(messenger_map + self.project_local(local))
 
 
+class LocalProjection(nn.Module):
+    """Ablation ``none`` as R: no attention, only W_d (a per-token linear map C_loc -> D_mes) on the
+    local tokens. The injection term M_h(W_d L_b x) then still lets the frozen messenger head shape
+    the local model, so ``attention`` vs ``none`` isolates what the attention adds."""
+
+    def __init__(self, local_channels: int, width: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.project_local = nn.Linear(local_channels, width)  # W_d
+        init_weights(self, generator)
+
+    def forward(self, messenger_map: torch.Tensor, local_map: torch.Tensor) -> torch.Tensor:
+        return self.project_local(tokens(local_map))
+
+
 class MessengerOnly(nn.Module):
-    """Ablation without R/T: the messenger's own tokens (the local features are not used)."""
+    """Ablation ``none`` as T: the messenger's own tokens (the local model reaches the messenger
+    through the distillation KL only)."""
 
     def forward(self, messenger_map: torch.Tensor, local_map: torch.Tensor) -> torch.Tensor:
         return tokens(messenger_map)
@@ -130,5 +145,5 @@ def build_fusion(kind: str, role: str, local_channels: int, width: int,
     if kind == "add":
         return FeatureAddition(local_channels, width, generator)
     if kind == "none":
-        return MessengerOnly()
+        return LocalProjection(local_channels, width, generator) if role == "receiver" else MessengerOnly()
     raise ValueError(f"unknown fusion {kind!r}; expected one of: {', '.join(FUSIONS)}")
