@@ -314,7 +314,8 @@ HETERO = dict(client_models="smallcnn,resnet5,smallcnn", stem="small", messenger
               distillation_epochs=1)
 
 
-@pytest.mark.parametrize("method, extra", [("fedavg", {}), ("fedmas", {"pre_trained_models": "random", "free_u": 1}),
+@pytest.mark.parametrize("method, extra", [("fedavg", {}), ("fedprox", {"finetune_epochs": 1}),
+                                           ("fedmas", {"pre_trained_models": "random", "free_u": 1}),
                                            ("mhpflid", HETERO), ("fedadam", {}), ("fedyogi", {}), ("fedadagrad", {}),
                                            ("fedavgm", {}), ("scaffold", {}), ("cyclic", {"comm_round": 4})])
 def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path, task_identity):

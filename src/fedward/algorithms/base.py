@@ -133,6 +133,20 @@ class LocalTraining(Epochs):
                                               "value for torchvision's cache path", const="default")
 
 
+@dataclass
+class GlobalTraining(LocalTraining):
+    """The FedAvg family's local training, plus the "+FT" evaluation of its global model."""
+
+    finetune_epochs: int = option(0, "+FT: after the last round each client fine-tunes the final global model for this "
+                                     "many epochs on its own train split and is evaluated on its own splits (Collins et "
+                                     "al. 2022); 0: off", check=NON_NEGATIVE)
+
+
+def fine_tunes(cfg: "RunConfig") -> bool:
+    """Whether the run evaluates its final global model fine-tuned at each client (+FT)."""
+    return cfg.has("finetune_epochs") and cfg.finetune_epochs > 0
+
+
 def make_optimizer(cfg: "RunConfig", params) -> torch.optim.Optimizer:
     """SGD(momentum, nesterov, weight decay) or, with ``--adam``, Adam without weight decay
     (the reference's choice for every method).

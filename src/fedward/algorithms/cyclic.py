@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedward.algorithms.base import Arrays, ClientReply, LocalTraining
+from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import option
@@ -24,7 +24,7 @@ from fedward.seeding import numpy_generator
 
 
 @dataclass
-class CyclicOptions(LocalTraining):
+class CyclicOptions(GlobalTraining):
     deterministic_cycle: bool = option(False, "visit the clients in id order every cycle instead of a seeded "
                                               "permutation per cycle")
 

@@ -14,7 +14,7 @@ from fedward.algorithms.registry import register_method
 from fedward.algorithms.base import (
     Algorithm,
     Arrays,
-    LocalTraining,
+    GlobalTraining,
     ClientReply,
     ServerMessage,
     Workspace,
@@ -81,7 +81,7 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     summary = "FedAvg (McMahan et al. 2017): the whole state dict, averaged by examples"
-    Options = LocalTraining
+    Options = GlobalTraining
     default_grad_clip: float | None = None
 
     # -- hooks for subclasses ------------------------------------------------------------------
@@ -142,6 +142,21 @@ class FedAvg(Algorithm):
         """What the reply carries, given the trained state dict and the number of steps (default: the
         state dict)."""
         return trained
+
+    def finetune(self, ws: Workspace, client: ClientData, global_state: Arrays, generator: torch.Generator) -> nn.Module:
+        """+FT (``--finetune_epochs``): the final global model trained on this client's train split with
+        the task loss alone (no proximal, contrastive or alignment term: plain fine-tuning, as Collins
+        et al. 2022), a fresh optimizer and the run's local settings; the model is left in ``ws.model``."""
+        cfg = self.cfg
+        model = ws.model
+        model.load_state_dict(global_state)
+        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
+                             global_class_counts=self.spec.global_class_counts)
+        loss_fn.start_round(cfg.comm_round - 1, cfg.comm_round)
+        train_local(ws, model, client, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, loss_fn=loss_fn,
+                    optimizer=make_optimizer(cfg, model.parameters()), generator=generator,
+                    grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
+        return model
 
     # -- server -------------------------------------------------------------------------------
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],

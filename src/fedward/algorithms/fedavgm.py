@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, LocalTraining
+from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import POSITIVE, PROBABILITY_LT1, option
 
 
 @dataclass
-class FedAvgMOptions(LocalTraining):
+class FedAvgMOptions(GlobalTraining):
     server_lr: float = option(1.0, "server learning rate eta", check=POSITIVE)
     server_momentum: float = option(0.9, "server momentum beta (0: FedAvg)", check=PROBABILITY_LT1)
 

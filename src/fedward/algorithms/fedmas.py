@@ -32,7 +32,7 @@ from fedward.algorithms.aggregate import example_weights, weighted_average
 from fedward.algorithms.base import (
     Arrays,
     ClientReply,
-    LocalTraining,
+    GlobalTraining,
     ServerMessage,
     Workspace,
     examples_seen,
@@ -55,7 +55,7 @@ CLIP_NORM = 5.0
 
 
 @dataclass
-class FedMASOptions(LocalTraining):
+class FedMASOptions(GlobalTraining):
     free_u: float = option(0.0, "prior-alignment weight lambda_f; 0 switches the divergence to the supervised loss",
                            check=NON_NEGATIVE, reference=True)
     pre_trained_models: str | None = option(None, "the prior: moco, IMAGENET1K_V1, 18_img, mix, auto (moco if present, "

@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, LocalTraining
+from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import POSITIVE, PROBABILITY_LT1, new_default, option
 
 
 @dataclass
-class FedAdagradOptions(LocalTraining):
+class FedAdagradOptions(GlobalTraining):
     server_lr: float = option(0.1, "server learning rate eta", check=POSITIVE)
     beta1: float = option(0.0, "server first-moment decay beta_1", check=PROBABILITY_LT1)
     tau: float = option(1e-3, "adaptivity tau, added to sqrt(v)", check=POSITIVE)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import LocalTraining, ServerMessage, Workspace
+from fedward.algorithms.base import GlobalTraining, ServerMessage, Workspace
 from fedward.algorithms.fedavg import ExtraLossFn, FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import NON_NEGATIVE, option
@@ -22,7 +22,7 @@ def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor], mu: f
 
 
 @dataclass
-class FedProxOptions(LocalTraining):
+class FedProxOptions(GlobalTraining):
     mu: float = option(0.45, "proximal coefficient (reference default 0.45)", check=NON_NEGATIVE)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedward.algorithms.base import LocalTraining, ServerMessage, Workspace, to_cpu
+from fedward.algorithms.base import GlobalTraining, ServerMessage, Workspace, to_cpu
 from fedward.algorithms.fedavg import ExtraLossFn, ForwardFn, FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import NON_NEGATIVE, POSITIVE, at_least, option
@@ -33,7 +33,7 @@ def model_contrastive_loss(z: torch.Tensor, z_global: torch.Tensor, z_previous: 
 
 
 @dataclass
-class MoonOptions(LocalTraining):
+class MoonOptions(GlobalTraining):
     mu: float = option(0.45, "weight of the model-contrastive loss (the reference's --mu)", check=NON_NEGATIVE)
     temperature: float = option(0.5, "temperature of the model-contrastive loss", check=POSITIVE)
     moon_proj_dim: int = option(256, "projection width", check=at_least(1))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.base import Arrays, ClientReply, LocalTraining, ServerMessage, Workspace
+from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining, LocalTraining, ServerMessage, Workspace
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.errors import ConfigError
@@ -34,7 +34,7 @@ CONTROL = "control/"  # prefix of the control-variate arrays in messages and rep
 
 
 @dataclass
-class ScaffoldOptions(LocalTraining):
+class ScaffoldOptions(GlobalTraining):
     momentum: float = new_default(LocalTraining, "momentum", 0.0)
     nesterov: bool = new_default(LocalTraining, "nesterov", False)
     server_lr: float = option(1.0, "server learning rate eta_g", check=POSITIVE)

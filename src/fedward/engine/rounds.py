@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 from tqdm.auto import tqdm
 
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec
-from fedward.algorithms.base import Arrays
+from fedward.algorithms.base import Arrays, fine_tunes
 from fedward.config import RunConfig
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions
@@ -50,6 +50,9 @@ class Clients(Protocol):
     def evaluate(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
         """The global model's predictions on each reachable client's val and test splits."""
 
+    def finetuned(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
+        """+FT: each reachable client's fine-tuned copy of the global model on its val and test splits."""
+
     def client_states(self) -> list[dict[str, Any]]:
         """The client states to checkpoint ([] when they are kept on the clients' machines)."""
 
@@ -63,11 +66,12 @@ def evaluation_round(cfg: RunConfig, round_index: int) -> bool:
     return cfg.eval_every > 0 and round_index % cfg.eval_every == 0
 
 
-def global_rows(num_classes: int, round_index: int,
-                predictions: dict[int, dict[str, Predictions]]) -> list[dict[str, Any]]:
-    """Rows of the global model on every client's val and test splits, and on their union (pooled
-    rows reuse the per-client predictions: one forward pass per image). A Flower server builds the
-    same rows from the confusion matrices its nodes send."""
+def global_rows(num_classes: int, round_index: int, predictions: dict[int, dict[str, Predictions]], *,
+                model: str = "global") -> list[dict[str, Any]]:
+    """Rows of the global model (or, ``model="finetuned"``, of its copies fine-tuned at each client)
+    on every client's val and test splits, and on their union (pooled rows reuse the per-client
+    predictions: one forward pass per image). A Flower server builds the same rows from the
+    confusion matrices its nodes send."""
     rows = []
     for split_name in ("val", "test"):
         parts = []
@@ -76,12 +80,12 @@ def global_rows(num_classes: int, round_index: int,
             if pred is None:
                 continue
             parts.append(pred)
-            rows.append(pred.row(num_classes, round=round_index, scope="server", client=client_id, model="global",
+            rows.append(pred.row(num_classes, round=round_index, scope="server", client=client_id, model=model,
                                  data="client", split=split_name))
         if parts:
             rows.append(Predictions.concat(parts).row(
                 num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
-                client=None, model="global", data="pooled", split=split_name))
+                client=None, model=model, data="pooled", split=split_name))
     return rows
 
 
@@ -141,6 +145,9 @@ class RoundLoop:
         if not algorithm.personalised and evaluate_now:
             rows.extend(global_rows(self.spec.num_classes, round_index,
                                     self.clients.evaluate(round_index, global_state)))
+        if fine_tunes(cfg) and round_index == cfg.comm_round:
+            rows.extend(global_rows(self.spec.num_classes, round_index, self.clients.finetuned(round_index, global_state),
+                                    model="finetuned"))
         return global_state, rows
 
     def run(self, start_round: int, global_state: Arrays, server_state: dict[str, Any],
@@ -177,6 +184,6 @@ def round_summary(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
     taking_part = [r for r in rows if r.get("scope") == "participation"]
     out = {"clients": f"{sum(r['status'] == 'ok' for r in taking_part)}/{len(taking_part)}", "s": f"{seconds:.1f}"}
     for row in rows:
-        if row.get("scope") == "server" and row.get("data") == "pooled" and row.get("split") == "test":
+        if (row.get("scope"), row.get("model"), row.get("data"), row.get("split")) == ("server", "global", "pooled", "test"):
             out["test BA"] = f"{row['balanced_accuracy']:.3f}"
     return out

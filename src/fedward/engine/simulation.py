@@ -134,6 +134,20 @@ class Simulation:
                                    for name in ("val", "test") if len(getattr(client, name))}
                 for client in self.data.clients}
 
+    def finetuned_predictions(self, global_state, client_ids: list[int] | None = None) -> dict[int, dict[str, Predictions]]:
+        """+FT: each client's fine-tuned copy of the global model on its own non-empty val and test splits
+        (the fine-tuning randomness is keyed by the client, so a node computes what the simulation does)."""
+        out = {}
+        for client in self.data.clients:
+            if client_ids is not None and client.client_id not in client_ids:
+                continue
+            seed_globals(self.cfg.seed, "finetune-stream", client.client_id)
+            generator = torch_generator(self.cfg.seed, "finetune", client.client_id)
+            model = self.algorithm.finetune(self.workspace, client, global_state, generator)
+            out[client.client_id] = {name: self._predict(model, getattr(client, name))
+                                     for name in ("val", "test") if len(getattr(client, name))}
+        return out
+
     def _predict(self, model, split) -> Predictions:
         return predict(model, split, device=self.device, mean=self.spec.mean, std=self.spec.std,
                        batch_size=self.cfg.eval_batch_size)
@@ -187,6 +201,9 @@ class SimulationClients:
 
     def evaluate(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
         return self.sim.global_predictions(global_state)
+
+    def finetuned(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
+        return self.sim.finetuned_predictions(global_state)
 
     def client_states(self) -> list[dict[str, Any]]:
         return self.states

@@ -1,7 +1,8 @@
 """The Flower ClientApp: each message is handed to this node's :class:`fedward.flower.node.NodeRuntime`.
 
 Message types: ``query`` (handshake: this client's facts), ``train`` (one round of the method's
-``client_update``), ``evaluate`` (the global model on this client's val and test splits).
+``client_update``), ``evaluate`` (the global model, or with ``finetune`` its copy fine-tuned on the
+node, on this client's val and test splits).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     runtime = _runtime(context)
     config = msg.content["config"]
-    report = runtime.evaluate(from_array_record(msg.content["arrays"]), spec_json=str(config["spec"]))
+    report = runtime.evaluate(from_array_record(msg.content["arrays"]), spec_json=str(config["spec"]),
+                              finetune=bool(config.get("finetune", False)))
     return Message(encode_report(report), reply_to=msg)
 
 

@@ -189,10 +189,14 @@ class NodeRuntime:
                 atomic_torch_save(payload, store.final_model_path)
         return result.reply, result.rows
 
-    def evaluate(self, global_state: Arrays, *, spec_json: str) -> list[dict[str, Any]]:
-        """The global model on this client's val and test splits, as confusion matrices."""
+    def evaluate(self, global_state: Arrays, *, spec_json: str, finetune: bool = False) -> list[dict[str, Any]]:
+        """The global model (``finetune``: its copy fine-tuned here, +FT) on this client's val and test
+        splits, as confusion matrices."""
         sim = self.simulation(spec_json)
-        predictions = sim.global_predictions(global_state)[self.client.client_id]
+        if finetune:
+            predictions = sim.finetuned_predictions(global_state, [self.client.client_id])[self.client.client_id]
+        else:
+            predictions = sim.global_predictions(global_state)[self.client.client_id]
         return [{"split": name, "confusion": pred.confusion(sim.spec.num_classes).tolist(), "loss_sum": pred.loss_sum}
                 for name, pred in predictions.items()]
 

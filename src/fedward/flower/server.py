@@ -316,13 +316,16 @@ class Coordinator:
             outcomes.append(outcome)
         return outcomes
 
-    def evaluate(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
-        """The global model on every reachable client's val and test splits, from their confusion matrices."""
+    def evaluate(self, round_index: int, global_state: Arrays, *,
+                 finetune: bool = False) -> dict[int, dict[str, Predictions]]:
+        """The global model (``finetune``: each node's fine-tuned copy of it) on every reachable client's val
+        and test splits, from their confusion matrices."""
         participants = sorted(self.clients().values(), key=lambda p: p.client_id)
         content = RecordDict({ARRAYS: to_array_record(global_state),
                               CONFIG: ConfigRecord({"round": round_index, "spec": spec_to_json(self.spec),
-                                                    "run-key": self.run_key})})
-        answers = self.exchange({p.node_id: content for p in participants}, "evaluate", f"round-{round_index}",
+                                                    "run-key": self.run_key, "finetune": finetune})})
+        group = f"round-{round_index}" + ("-finetune" if finetune else "")
+        answers = self.exchange({p.node_id: content for p in participants}, "evaluate", group,
                                 self.settings.round_timeout)
         predictions: dict[int, dict[str, Predictions]] = {}
         for p in participants:
@@ -337,6 +340,9 @@ class Coordinator:
             if reason is not None:
                 self.log(f"round {round_index}: client {p.client_id} (node {p.node_id}) left out of the evaluation: {reason}")
         return predictions
+
+    def finetuned(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
+        return self.evaluate(round_index, global_state, finetune=True)
 
     def run(self) -> dict[str, Any]:
         start_round, global_state, server_state = self.open_run()

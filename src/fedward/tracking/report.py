@@ -155,6 +155,15 @@ def _summarize_global(evals: list[dict], pooled_test: Series) -> dict:
     if per_client_local_final:
         summary["per_client_local_final"] = per_client_local_final
         summary["mean_client_local_final"] = _mean(per_client_local_final.values())
+    # +FT: the final global model fine-tuned at each client, on that client's test split.
+    per_client_finetuned_final: dict[int, float | None] = {}
+    for client in _clients(evals, scope="server", model="finetuned", data="client"):
+        test = _series(evals, scope="server", model="finetuned", data="client", split="test", client=client)
+        if test:
+            per_client_finetuned_final[client] = _value(test[max(test)], "balanced_accuracy")
+    if per_client_finetuned_final:
+        summary["per_client_finetuned_final"] = per_client_finetuned_final
+        summary["mean_client_finetuned_final"] = _mean(per_client_finetuned_final.values())
     return summary
 
 
