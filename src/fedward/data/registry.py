@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from fedward.data.types import FederatedData
+from fedward.data.types import FederatedData, Split
 from fedward.errors import ConfigError
 from fedward.options import PROBABILITY_LT1, NoOptions, option
 
@@ -28,20 +28,24 @@ class DatasetEntry:
     partitionable: bool = True  # --partition_method/--client_number apply
     splits_clients: bool = False  # the loader splits the clients itself (no re-partition afterwards)
     summary: str = ""
+    # (cfg, count) -> a labelled Split of built-in public images, for the public-data methods
+    public: Callable[..., Split] | None = None
 
 
 DATASETS: dict[str, DatasetEntry] = {}
 
 
 def register_dataset(name: str, *, options: type = NoOptions, needs_data_dir: bool, partitionable: bool = True,
-                     splits_clients: bool = False, summary: str = "") -> Callable:
-    """Decorator registering ``from_config(cfg)`` as data set ``name``."""
+                     splits_clients: bool = False, summary: str = "",
+                     public: Callable[..., Split] | None = None) -> Callable:
+    """Decorator registering ``from_config(cfg)`` as data set ``name``; ``public(cfg, count)``, if given,
+    is its built-in public split (images no client holds)."""
 
     def decorate(from_config: Callable[..., FederatedData]) -> Callable[..., FederatedData]:
         if name in DATASETS:
             raise ValueError(f"data set {name!r} is registered twice")
         DATASETS[name] = DatasetEntry(name, options, from_config, needs_data_dir, partitionable, splits_clients,
-                                      summary or (from_config.__doc__ or "").strip().splitlines()[0])
+                                      summary or (from_config.__doc__ or "").strip().splitlines()[0], public)
         return from_config
 
     return decorate

@@ -415,7 +415,13 @@ class Options(ValidationSplit):
                        check=(lambda v: v == 1, "1: the synthetic data set has a single fold, as the reference code"))
 
 
-@register_dataset(NAME, options=Options, needs_data_dir=False)
+def public_from_config(cfg, count: int) -> Split:
+    """``count`` public images (at least one per hospital and class are drawn), in a seeded order."""
+    drawn = public_split(seed=cfg.data_seed, image_size=cfg.image_size, count=max(count, NUM_CLIENTS * NUM_CLASSES))
+    return drawn.subset(torch.randperm(len(drawn), generator=torch_generator(cfg.data_seed, NAME, "public-order"))[:count])
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=False, public=public_from_config)
 def from_config(cfg) -> FederatedData:
     """built in: Fed-ISIC2019's six centres and eight classes, synthetic images (the default)"""
     return load(seed=cfg.data_seed, image_size=cfg.image_size, scale=cfg.data_scale, val_fraction=cfg.val_fraction)

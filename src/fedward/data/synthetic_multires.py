@@ -211,11 +211,15 @@ def fine_texture(weights: torch.Tensor, size: int, generator: torch.Generator) -
     return total / weights.pow(2).sum(1).sqrt().reshape(-1, 1, 1, 1)
 
 
-def _render(params: dict) -> torch.Tensor:
+def _render(params: dict, subtypes: torch.Tensor | None = None, stream: tuple = ()) -> torch.Tensor:
+    """The x1 images of ``subtypes``' patients (default: the data set's own), with random streams
+    keyed by ``stream`` (the public split draws other patients from other streams)."""
     seed, size, views, knobs = params["seed"], params["image_size"], params["images_per_patient"], params["difficulty"]
-    subtypes = patient_subtypes(params["patients_scale"])
+    if subtypes is None:
+        subtypes = patient_subtypes(params["patients_scale"])
     patients = len(subtypes)
-    per_patient = torch_generator(seed, NAME, "patients")
+    keys = (NAME, *stream)
+    per_patient = torch_generator(seed, *keys, "patients")
     tissue = torch.tensor(TISSUE_PROTOTYPES)[torch.randint(len(TISSUE_PROTOTYPES), (patients,), generator=per_patient)]
     mode = torch.randint(knobs["num_modes"], (patients,), generator=per_patient)
     patient_jitter = knobs["appearance_noise"] * FEATURE_SCALE * feature_noise(patients, per_patient)
@@ -223,14 +227,14 @@ def _render(params: dict) -> torch.Tensor:
     skin_tone = torch.tensor(SKIN_COMMON) + SKIN_JITTER * torch.randn(patients, 3, generator=per_patient) @ COLOUR_AXES.T
     skin_tone = skin_tone.clamp(0, 1).repeat_interleave(views, dim=0)[:, :, None, None]
     binary = (subtypes >= NUM_BENIGN_SUBTYPES).long()
-    amplitude = texture_amplitudes(binary, knobs["class_overlap"], torch_generator(seed, NAME, "amplitudes"))
-    view_generator = torch_generator(seed, NAME, "views")
+    amplitude = texture_amplitudes(binary, knobs["class_overlap"], torch_generator(seed, *keys, "amplitudes"))
+    view_generator = torch_generator(seed, *keys, "views")
     view_jitter = VIEW_NOISE * FEATURE_SCALE * feature_noise(patients * views, view_generator)
     features = (lesion_features.repeat_interleave(views, dim=0) + view_jitter).clamp(FEATURE_MIN, FEATURE_MAX)
     amplitude = (amplitude.repeat_interleave(views)
                  * (1 + VIEW_AMPLITUDE_NOISE * torch.randn(patients * views, generator=view_generator))).clamp(min=0)
     weights = torch.tensor(SCALE_PROFILES)[subtypes].repeat_interleave(views, dim=0)
-    generator = torch_generator(seed, NAME, "render")
+    generator = torch_generator(seed, *keys, "render")
     noise = SENSOR_NOISE * knobs["sensor_noise"]
     rendered = []
     for first in range(0, len(features), RENDER_CHUNK):
@@ -420,12 +424,40 @@ def load(
     return FederatedData(NAME, len(class_names), class_names, image_size, clients, info=info)
 
 
+def public_split(*, seed: int = 0, image_size: int = 32, count: int = 1200, labels: str = "binary",
+                 **difficulty: float) -> Split:
+    """A labelled "public" set at full resolution for the public-data baselines (FedMD, FedDF, KT-pFL ...):
+    ``count`` images of other patients (BreakHis's subtype mix, ``images_per_patient`` 6) drawn from
+    random streams no client uses, in a random order. Which public set the MH-pFLID paper's
+    baselines used is not known; this plays its role."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ConfigError(f"public split size must be an integer >= 2, got {count!r}")
+    check_split_options(labels, False, 0.0, False)
+    knobs = resolve_knobs(difficulty)
+    views = 6
+    patients = -(-count // views)
+    generator = torch_generator(seed, NAME, "public", "subtypes")
+    weights = torch.tensor(BREAKHIS_PATIENTS, dtype=torch.float64)
+    subtypes = torch.multinomial(weights, patients, replacement=True, generator=generator)
+    params = generation_params(seed, image_size, 1.0, views, knobs)
+    with _one_thread():
+        images = _render(params, subtypes, ("public",))[:count]
+    subtype_of_image = subtypes.repeat_interleave(views)[:count]
+    targets = subtype_of_image if labels == "subtype" else (subtype_of_image >= NUM_BENIGN_SUBTYPES).long()
+    order = torch.randperm(count, generator=generator)
+    return Split(images[order], targets[order].clone())
+
+
 @dataclass
 class Options(BreakHisLabels, ValidationSplit):
     patients_scale: float = option(4.0, "synthetic patients per BreakHis patient (82 x scale patients)", check=POSITIVE)
 
 
-@register_dataset(NAME, options=Options, needs_data_dir=False)
+def public_from_config(cfg, count: int) -> Split:
+    return public_split(seed=cfg.data_seed, image_size=cfg.image_size, count=count, labels=cfg.label_set)
+
+
+@register_dataset(NAME, options=Options, needs_data_dir=False, public=public_from_config)
 def from_config(cfg) -> FederatedData:
     """built in, BreakHis-like: 4 clients at x1/x2/x4/x8 resolution (for mhpflid)"""
     return load(seed=cfg.data_seed, image_size=cfg.image_size, patients_scale=cfg.patients_scale, labels=cfg.label_set,
