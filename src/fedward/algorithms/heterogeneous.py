@@ -1,10 +1,12 @@
-"""What the model-heterogeneous methods (mhpflid, fml, fedkd) share.
+"""What the model-heterogeneous methods share.
 
-Every client keeps a local model of its own architecture (``--client_models``) in its state; the
-only thing that travels is a small shared model of one architecture for all (MH-pFLID's
-messenger, FML's meme model, FedKD's mentee), whose state dict the server averages with weights
-n_k / sum(n), n_k being the client's number of training images. The local model is the
-deliverable: it is what the engine evaluates, on the client's own splits.
+Every client keeps a local model of its own architecture (``--client_models``) in its state
+(:class:`LocalModelMethod`); the local model is the deliverable: it is what the engine evaluates,
+on the client's own splits. In mhpflid, fml and fedkd (:class:`SharedModelMethod`) the only thing
+that travels is a small shared model of one architecture for all (MH-pFLID's messenger, FML's
+meme model, FedKD's mentee), whose state dict the server averages with weights n_k / sum(n), n_k
+being the client's number of training images. The public-data methods exchange what their
+papers say instead (predictions on public data, models).
 """
 
 from __future__ import annotations
@@ -63,17 +65,22 @@ DEFAULT_CLIENT_MODELS = ("resnet17", "resnet11", "resnet8", "resnet5")
 
 
 @dataclass
-class SharedModelOptions:
+class LocalModelOptions:
     client_models: list[str] = option(factory=list, help="one local model per client (default: resnet17,resnet11,"
                                                          "resnet8,resnet5, cycled over the clients)")
-    messenger_dim: int = option(512, "width D_mes of the shared messenger model", check=at_least(1))
     local_lr: float = option(1e-4, "Adam lr of the local model (and of R/T in mhpflid, of the shared model in fml and "
                                    "fedkd)", check=POSITIVE)
 
 
-class SharedModelMethod(Algorithm):
-    """Base: broadcast the shared model every round, keep the local model in the client's state,
-    average the shared model's replies (BatchNorm buffers included)."""
+@dataclass
+class SharedModelOptions(LocalModelOptions):
+    messenger_dim: int = option(512, "width D_mes of the shared messenger model", check=at_least(1))
+
+
+class LocalModelMethod(Algorithm):
+    """Base: each client's local model, of its own architecture, lives in its state (``"local"``)
+    and is its deliverable; Adam optimizers, the task loss and per-client modules as the
+    heterogeneous methods use them."""
 
     personalised = True
     # The MH-pFLID seed's batch size; its reproduction resizes and trains without augmentation.
@@ -85,14 +92,6 @@ class SharedModelMethod(Algorithm):
         check_client_models(cfg)
 
     @classmethod
-    def model_builder(cls, cfg, spec):
-        from fedward.models import get_model
-
-        # The global model is the shared messenger / meme / mentee.
-        return lambda: get_model("messenger", num_classes=spec.num_classes, image_size=spec.image_size,
-                                 width=cfg.messenger_dim)
-
-    @classmethod
     def default_client_models(cls, cfg) -> list[str]:
         return list(DEFAULT_CLIENT_MODELS)
 
@@ -100,30 +99,14 @@ class SharedModelMethod(Algorithm):
     def heterogeneous(self) -> bool:
         return True
 
-    def global_model_name(self) -> str:
-        return "messenger"
-
     @property
     def grad_clip(self) -> float:
         return self.cfg.grad_clip if self.cfg.grad_clip is not None else self.default_grad_clip
-
-    # -- server -------------------------------------------------------------------------------
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
-                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
-        weights = example_weights([r.metrics["num-examples"] for r in replies])
-        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
-
-    def declared_reply_keys(self, global_state: Arrays) -> set[str]:
-        return set(global_state)
 
     def local_model_state(self, reply: ClientReply, state: dict[str, Any]) -> Arrays | None:
         return state.get("local")
 
     # -- client helpers --------------------------------------------------------------------------
-    def load_shared(self, ws: Workspace, message: ServerMessage) -> nn.Module:
-        ws.model.load_state_dict(message.arrays)
-        return ws.model
-
     def load_local(self, ws: Workspace, client: ClientData, state: dict[str, Any]) -> nn.Module:
         model = self.local_model(ws, client.client_id)
         model.load_state_dict(state["local"] if "local" in state else self.initial_local_state(client.client_id))
@@ -160,6 +143,37 @@ class SharedModelMethod(Algorithm):
                              global_class_counts=self.spec.global_class_counts)
         loss_fn.start_round(round_index - 1, self.cfg.comm_round)
         return loss_fn
+
+
+
+class SharedModelMethod(LocalModelMethod):
+    """Base: broadcast the shared model every round, keep the local model in the client's state,
+    average the shared model's replies (BatchNorm buffers included)."""
+
+    @classmethod
+    def model_builder(cls, cfg, spec):
+        from fedward.models import get_model
+
+        # The global model is the shared messenger / meme / mentee.
+        return lambda: get_model("messenger", num_classes=spec.num_classes, image_size=spec.image_size,
+                                 width=cfg.messenger_dim)
+
+    def global_model_name(self) -> str:
+        return "messenger"
+
+    # -- server -------------------------------------------------------------------------------
+    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
+                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        weights = example_weights([r.metrics["num-examples"] for r in replies])
+        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
+
+    def declared_reply_keys(self, global_state: Arrays) -> set[str]:
+        return set(global_state)
+
+    # -- client ---------------------------------------------------------------------------------
+    def load_shared(self, ws: Workspace, message: ServerMessage) -> nn.Module:
+        ws.model.load_state_dict(message.arrays)
+        return ws.model
 
     def reply(self, client: ClientData, shared: nn.Module, metrics: dict[str, float]) -> ClientReply:
         """The shared model's state dict and scalars: nothing else leaves the client."""
