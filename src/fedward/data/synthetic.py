@@ -416,8 +416,9 @@ class Options(ValidationSplit):
 
 
 def public_from_config(cfg, count: int) -> Split:
-    """``count`` public images (at least one per hospital and class are drawn), in a seeded order."""
-    drawn = public_split(seed=cfg.data_seed, image_size=cfg.image_size, count=max(count, NUM_CLIENTS * NUM_CLASSES))
+    """``count`` public images in a seeded order (drawn in whole multiples of one per hospital and class)."""
+    cells = NUM_CLIENTS * NUM_CLASSES
+    drawn = public_split(seed=cfg.data_seed, image_size=cfg.image_size, count=-(-count // cells) * cells)
     return drawn.subset(torch.randperm(len(drawn), generator=torch_generator(cfg.data_seed, NAME, "public-order"))[:count])
 
 
