@@ -137,31 +137,22 @@ def test_every_methods_config_pickles_and_round_trips(method):
 
 
 def test_the_benchmark_grids_build_valid_configs():
-    """Every run of `bench/bench_results.py` and `bench/bench_mhpflid.py` is a valid config."""
+    """Every run of `bench/bench_results.py` is a valid config (`fedward reproduce`'s tables have
+    their own test)."""
     import importlib.util
     from pathlib import Path
 
     import yaml
 
-    from fedward.config import applicable_settings
-
     root = Path(__file__).parent.parent
-
-    def load(script):
-        spec = importlib.util.spec_from_file_location(script, root / "bench" / f"{script}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    results, mhpflid = load("bench_results"), load("bench_mhpflid")
-    runs = [("strategies.yaml" if name in ("strategies", "sgd_lr") else "results.yaml", grid, False)
-            for name, grid in results.GRIDS.items()] + [("mhpflid.yaml", mhpflid.GRID, True)]
-    for config, grid, shared_base in runs:
-        base = yaml.safe_load((root / "configs" / config).read_text())
+    spec = importlib.util.spec_from_file_location("bench_results", root / "bench" / "bench_results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    for name, grid in results.GRIDS.items():
+        base = yaml.safe_load((root / "configs" / ("strategies.yaml" if name in ("strategies", "sgd_lr")
+                                                    else "results.yaml")).read_text())
         for _, overrides in grid:
             overrides = {k: v for k, v in overrides.items() if k != "prior"}  # bench_results' prior file choice
             if overrides["method"] == "fedmas":
                 overrides = {**results.FEDMAS, **overrides, "pre_trained_models": "random"}
-            values = {**base, **overrides}
-            # bench_mhpflid runs several methods from one base: it keeps what applies to each
-            build_config(applicable_settings(values) if shared_base else values)
+            build_config({**base, **overrides})

@@ -205,6 +205,10 @@ def test_server_averages_the_messenger_by_training_examples():
                            {"num-examples": 10.0})]
     new_state, info = sim.algorithm.aggregate(1, global_state, replies, {})
     assert info["weights"] == pytest.approx([0.75, 0.25])
+    floats = sim.algorithm.parameter_names  # weights only, not BatchNorm statistics
+    old_norm = math.sqrt(sum(float(global_state[k].double().pow(2).sum()) for k in floats))
+    moved = math.sqrt(sum(float((2.0 - global_state[k].double()).pow(2).sum()) for k in floats))  # every float is 2
+    assert info["shared_displacement"] == pytest.approx(moved / old_norm, rel=1e-6)
     assert torch.allclose(new_state[key], torch.full_like(new_state[key], 0.75 * 1 + 0.25 * 5))
 
 

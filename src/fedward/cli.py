@@ -158,6 +158,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     methods.add_argument("--markdown", action="store_true", help="every option as Markdown tables (docs/options.md)")
     _add_prior_parser(subparsers)
     _add_flower_parser(subparsers, shown)
+    _add_reproduce_parser(subparsers)
     data = subparsers.add_parser("data", help="download, check or prepare a data folder")
     data_actions = data.add_subparsers(dest="data_command", required=True)
     check = data_actions.add_parser("check", help="report clients, classes and counts of a data folder, without training",
@@ -188,6 +189,25 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     download.add_argument("--prepare", action="store_true", help="then preprocess as `fedward data prepare` does, ready for `fedward run`")
     download.add_argument("--delete-zip", action="store_true", help="delete the zip once extracted (default: keep)")
     return parser
+
+
+def _add_reproduce_parser(subparsers) -> None:
+    from fedward.reproduce import TABLES
+
+    reproduce = subparsers.add_parser(
+        "reproduce", help="run a paper table (every method, same budget, several seeds) and write it",
+        description="Run (or reuse, or resume) every run of a paper table for each seed and write the table as "
+                    "Markdown and CSV: per-client and mean ACC/MF1, mean ± std and a 95% interval, next to the "
+                    "paper's numbers.")
+    reproduce.add_argument("table", choices=sorted(TABLES), help="the table")
+    reproduce.add_argument("--data_dir", "--data-dir", help="the real data set (default: the built-in synthetic set)")
+    reproduce.add_argument("--seeds", type=int, default=5, help="number of seeds, 0 .. N-1 (default: 5)")
+    reproduce.add_argument("--rounds", type=int, help="rounds per run (default: the table's)")
+    reproduce.add_argument("--image_size", "--image-size", type=int, help="image size (default: the table's)")
+    reproduce.add_argument("--homogeneous_model", "--homogeneous-model",
+                           help="the one architecture of the homogeneous baselines (default: resnet17)")
+    reproduce.add_argument("--only", nargs="+", metavar="ROW", help="only these rows or runs (labels as in the table)")
+    reproduce.add_argument("--out", help="folder of the runs and the table (default: runs/reproduce-<table>)")
 
 
 def _add_prior_parser(subparsers) -> None:
@@ -485,6 +505,24 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_reproduce(args) -> int:
+    from fedward.reproduce import TABLES, reproduce
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: expected at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: expected at least 1")
+    if args.data_dir and not Path(args.data_dir).exists():
+        raise ConfigError(f"--data_dir {args.data_dir} does not exist")
+    options = {"data_dir": args.data_dir, "rounds": args.rounds, "image_size": args.image_size,
+               "homogeneous_model": args.homogeneous_model}
+    out = Path(args.out or Path("runs") / f"reproduce-{args.table}")
+    files = reproduce(TABLES[args.table], out=out, seeds=list(range(args.seeds)), options=options, only=args.only)
+    print(files["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -500,7 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             _reject_dead_flags(unknown)
         handler = {"run": command_run, "report": command_report, "models": command_models, "methods": command_methods,
-                   "prior": command_prior, "data": command_data, "flower": command_flower}[args.command]
+                   "prior": command_prior, "data": command_data, "flower": command_flower,
+                   "reproduce": command_reproduce}[args.command]
         return handler(args)
     except FedwardError as err:
         print(f"fedward: error: {err}", file=sys.stderr)

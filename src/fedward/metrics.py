@@ -84,4 +84,16 @@ def mean_and_std(values: Iterable[float]) -> tuple[float, float]:
     return float(array.mean()), std
 
 
-__all__ = ["classification_metrics", "confusion_matrix", "mean_and_std"]
+def mean_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two ends of its Student-t confidence interval (ddof=1; the mean itself for one value)."""
+    from scipy import stats
+
+    array = np.asarray(list(values), dtype=np.float64)
+    mean, std = mean_and_std(array)
+    if array.size < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.5 + confidence / 2, array.size - 1)) * std / np.sqrt(array.size)
+    return mean, float(mean - half), float(mean + half)
+
+
+__all__ = ["classification_metrics", "confusion_matrix", "mean_and_std", "mean_interval"]

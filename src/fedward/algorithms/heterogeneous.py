@@ -60,6 +60,14 @@ def train_stage(ws: Workspace, split: Split, *, epochs: int, batch_size: int, ge
     return steps, float(total / max(steps, 1))
 
 
+def relative_change(old: Arrays, new: Arrays, keys: list[str]) -> float:
+    """||new - old|| / ||old|| over the arrays ``keys`` (how far the shared model's weights moved in a
+    round; BatchNorm statistics are left out: they jump to the data's in the first round)."""
+    moved = sum(float((new[k].double() - old[k].double()).pow(2).sum()) for k in keys)
+    size = sum(float(old[k].double().pow(2).sum()) for k in keys)
+    return (moved / size) ** 0.5 if size > 0 else 0.0
+
+
 # MH-pFLID's BreakHis clients: the default local architectures, cycled when there are more clients.
 DEFAULT_CLIENT_MODELS = ("resnet17", "resnet11", "resnet8", "resnet5")
 
@@ -165,7 +173,8 @@ class SharedModelMethod(LocalModelMethod):
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
                   server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         weights = example_weights([r.metrics["num-examples"] for r in replies])
-        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
+        new_state = weighted_average([r.arrays for r in replies], weights)
+        return new_state, {"weights": weights, "shared_displacement": relative_change(global_state, new_state, self.parameter_names)}
 
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
         return set(global_state)

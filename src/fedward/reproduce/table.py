@@ -1,0 +1,248 @@
+"""Running a paper table's grid of runs and writing the table (see the package docstring)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fedward.errors import ConfigError, FedwardError
+from fedward.metrics import mean_and_std, mean_interval
+
+METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
+# What a row reads from its run's final-round rows: (scope, model) of the per-client test rows.
+SOURCES = {"local": ("client", "local"), "global": ("server", "global"), "finetuned": ("server", "finetuned")}
+# Keys config.yaml holds besides the settings (written by prepare), ignored when a folder is reused.
+RECORDED = ("class_names", "client_names", "fedward_version")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: a label (its folder name is derived from it) and its settings."""
+
+    label: str
+    settings: dict[str, Any]
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: ``run``'s ``source`` models (local, global or finetuned)."""
+
+    label: str
+    run: RunSpec
+    source: str = "local"
+    group: str = ""
+
+
+@dataclass
+class Table:
+    name: str
+    title: Callable[[dict[str, Any]], str]  # (command options) -> the table's title
+    rows: list[Row]
+    base: Callable[[dict[str, Any]], dict[str, Any]]  # (command options) -> the settings every run shares
+    client_names: list[str]
+    paper: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> metric -> per client + mean
+    paper_note: str = ""
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row, row | "best baseline")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[RunSpec]:
+        seen: dict[str, RunSpec] = {}
+        for row in self.rows:
+            seen.setdefault(row.run.label, row.run)
+        return list(seen.values())
+
+
+TABLES: dict[str, Table] = {}
+
+
+def register_table(table: Table) -> Table:
+    if table.name in TABLES:
+        raise ValueError(f"table {table.name!r} is registered twice")
+    TABLES[table.name] = table
+    return table
+
+
+def run_settings(table: Table, spec: RunSpec, seed: int, options: dict[str, Any], out: Path) -> dict[str, Any]:
+    from fedward.config import applicable_settings
+
+    values = {**table.base(options), **spec.settings, "seed": seed, "data_seed": seed, "progress": False,
+              "output": str(out / spec.folder / f"seed{seed}")}
+    return applicable_settings(values)
+
+
+def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    saved = {k: v for k, v in saved.items() if k not in RECORDED}
+    return sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+
+
+def ensure_run(values: dict[str, Any], log: Callable[[str], None]) -> Path:
+    """The finished run directory for ``values``: reused, resumed or trained now."""
+    from fedward.config import build_config
+    from fedward.engine.simulation import prepare, run
+    from fedward.tracking import RunDirectory
+
+    cfg = build_config(values)
+    folder = Path(cfg.output)
+    wanted = cfg.to_dict()
+    if (folder / "config.yaml").is_file():
+        run_dir = RunDirectory.open_existing(folder)
+        differ = _same_settings(run_dir.read_config(), wanted)
+        if differ:
+            raise ConfigError(f"{folder} holds a run with other settings ({', '.join(differ)}); give another --out "
+                              f"or delete it")
+        if run_dir.results_path.is_file():
+            return folder
+        if (run_dir.checkpoints_dir / "last.pt").is_file():
+            log(f"resuming {folder}")
+            run(cfg, run_dir, resume=True)
+            return folder
+    run_dir, data = prepare(cfg, overwrite=True)
+    run(cfg, run_dir, data=data)
+    return folder
+
+
+def client_results(folder: Path, source: str) -> dict[int, dict[str, float]]:
+    """Each client's metrics on its own test split at the run's final round, from ``source`` models."""
+    from fedward.tracking import RunDirectory
+
+    scope, model = SOURCES[source]
+    rows = RunDirectory.open_existing(folder).read_rows()
+    wanted = [r for r in rows if (r.get("scope"), r.get("model"), r.get("data"), r.get("split")) ==
+              (scope, model, "client", "test")]
+    if not wanted:
+        raise FedwardError(f"{folder}: no {model} test rows per client (scope {scope}) to read")
+    final = max(r["round"] for r in wanted)
+    return {int(r["client"]): {m: float(r[m]) for m in (*METRICS, "n")} for r in wanted if r["round"] == final}
+
+
+def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, Any], only: list[str] | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Run (or reuse) every run of the table for every seed, then write the table; returns the files."""
+    log = log or (lambda line: print(f"fedward: {line}", file=sys.stderr, flush=True))
+    rows = [r for r in table.rows if only is None or r.label in only or r.run.label in only]
+    if only is not None:
+        unknown = sorted(set(only) - {r.label for r in table.rows} - {r.run.label for r in table.rows})
+        if unknown:
+            raise ConfigError(f"--only {', '.join(unknown)}: not rows of {table.name}; its rows: "
+                              f"{', '.join(r.label for r in table.rows)}")
+    runs = list({r.run.label: r.run for r in rows}.values())
+    out.mkdir(parents=True, exist_ok=True)
+    total, done = len(runs) * len(seeds), 0
+    # Every configuration is checked before anything trains, so a bad one fails at once.
+    grid = [(spec, seed, run_settings(table, spec, seed, options, out)) for spec in runs for seed in seeds]
+    from fedward.config import build_config
+
+    for _, _, values in grid:
+        build_config(values)
+    folders: dict[tuple[str, int], Path] = {}
+    for spec, seed, values in grid:
+        start = time.perf_counter()
+        folders[spec.label, seed] = ensure_run(values, log)
+        done += 1
+        log(f"[{done}/{total}] {spec.label}, seed {seed}: {time.perf_counter() - start:.0f} s ({folders[spec.label, seed]})")
+    results = {(row.label, seed): client_results(folders[row.run.label, seed], row.source)
+               for row in rows for seed in seeds}
+    return write_table(table, rows, seeds, results, out, options)
+
+
+def _cell(values: list[float]) -> str:
+    mean, std = mean_and_std(values)
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def average_over_clients(per_client: dict[int, dict[str, float]], metric: str) -> float:
+    """The paper's "Average": the unweighted mean over clients."""
+    return sum(c[metric] for c in per_client.values()) / len(per_client)
+
+
+def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, out: Path,
+                options: dict[str, Any]) -> dict[str, Path]:
+    clients = sorted({k for per in results.values() for k in per})
+    names = [table.client_names[k] if k < len(table.client_names) else str(k) for k in clients]
+    long_rows, summary_rows = [], []
+    for row in rows:
+        for seed in seeds:
+            for k, metrics in sorted(results[row.label, seed].items()):
+                long_rows.append({"row": row.label, "method": row.run.settings.get("method", ""), "seed": seed,
+                                  "client": k, **metrics})
+    lines = [f"# {table.title(options)}", "",
+             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); each cell: mean ± std over seeds; "
+             f"Average: the unweighted mean over clients (the paper's), with the 95% t-interval of its mean.", ""]
+    for metric, heading in (("accuracy", "ACC"), ("macro_f1", "MF1")):
+        lines += [f"## {heading}", "", "| method | " + " | ".join(names) + " | Average | 95% interval |",
+                  "| --- | " + " | ".join("---" for _ in names) + " | --- | --- |"]
+        for row in rows:
+            per_seed = [results[row.label, seed] for seed in seeds]
+            cells = [_cell([p[k][metric] for p in per_seed]) for k in clients]
+            averages = [average_over_clients(p, metric) for p in per_seed]
+            mean, low, high = mean_interval(averages)
+            lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_cell(averages)} | [{low:.3f}, {high:.3f}] |")
+            for k, name in zip(clients, names):
+                m, lo, hi = mean_interval([p[k][metric] for p in per_seed])
+                summary_rows.append({"row": row.label, "metric": metric, "client": name, "mean": m,
+                                     "std": mean_and_std([p[k][metric] for p in per_seed])[1], "ci_low": lo,
+                                     "ci_high": hi, "seeds": len(seeds)})
+            summary_rows.append({"row": row.label, "metric": metric, "client": "Average", "mean": mean,
+                                 "std": mean_and_std(averages)[1], "ci_low": low, "ci_high": high, "seeds": len(seeds)})
+        for label, numbers in table.paper.items():
+            if metric in numbers:
+                lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in numbers[metric][:-1])
+                             + f" | {numbers[metric][-1]:.3f} | |")
+        lines.append("")
+    if table.paper_note:
+        lines += [table.paper_note, ""]
+    comparisons = paired_comparisons(table, rows, seeds, results)
+    if comparisons:
+        lines += ["## Paired comparisons (Average ACC, same seeds)", "",
+                  "| comparison | mean difference | 95% interval | seeds |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['comparison']} | {c['mean']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['seeds']} |"
+                  for c in comparisons]
+        lines.append("")
+    lines += [f"- {note}" for note in table.notes]
+    files = {"markdown": out / "table.md", "csv": out / "table.csv", "runs": out / "runs.csv"}
+    files["markdown"].write_text("\n".join(lines).rstrip() + "\n")
+    _write_csv(files["csv"], summary_rows)
+    _write_csv(files["runs"], long_rows)
+    return files
+
+
+def paired_comparisons(table: Table, rows: list[Row], seeds: list[int], results: dict) -> list[dict[str, Any]]:
+    """Per-seed differences of the Average accuracy between two rows, for each of the table's pairs;
+    "best baseline" is the other row (not of the first row's group) with the highest mean Average."""
+    labels = {r.label: r for r in rows}
+    averages = {r.label: [average_over_clients(results[r.label, s], "accuracy") for s in seeds] for r in rows}
+    out = []
+    for first, second in table.comparisons:
+        if first not in labels:
+            continue
+        if second == "best baseline":
+            others = [r for r in rows if r.group != labels[first].group]
+            if not others:
+                continue
+            second = max(others, key=lambda r: mean_and_std(averages[r.label])[0]).label
+        if second not in labels:
+            continue
+        differences = [a - b for a, b in zip(averages[first], averages[second])]
+        mean, low, high = mean_interval(differences)
+        out.append({"comparison": f"{first} − {second}", "mean": mean, "ci_low": low, "ci_high": high,
+                    "seeds": len(seeds)})
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        if not rows:
+            return
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,75 @@
+"""`fedward reproduce`: the grid runs once per seed, is reused and resumed, and the table's numbers are
+the runs' own rows, averaged by hand here."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from fedward.config import build_config
+from fedward.errors import ConfigError
+from fedward.metrics import mean_interval
+from fedward.reproduce import TABLES, Row, RunSpec, Table, reproduce
+from fedward.reproduce import table as table_module
+from fedward.reproduce.table import client_results, run_settings
+
+
+def tiny_table(tiny_values) -> Table:
+    fedavg = RunSpec("fedavg", {"method": "fedavg", "finetune_epochs": 1})
+    return Table(name="tiny", title=lambda options: "tiny", client_names=["a", "b", "c", "d", "e", "f"],
+                 base=lambda options: {**tiny_values, "comm_round": 1},
+                 rows=[Row("FedAvg", fedavg, "global", "global"), Row("FedAvg+FT", fedavg, "finetuned", "global"),
+                       Row("Local", RunSpec("local", {"method": "local"}), group="local")],
+                 comparisons=[("Local", "best baseline")])
+
+
+def test_the_table_is_the_runs_rows_averaged(tiny_values, tmp_path):
+    table = tiny_table(tiny_values)
+    files = reproduce(table, out=tmp_path, seeds=[0, 1], options={}, log=lambda line: None)
+    per_seed = [client_results(tmp_path / "local" / f"seed{s}", "local") for s in (0, 1)]
+    averages = [sum(c["accuracy"] for c in p.values()) / len(p) for p in per_seed]
+    mean, low, high = mean_interval(averages)
+    with files["csv"].open() as handle:
+        summary = {(r["row"], r["metric"], r["client"]): r for r in csv.DictReader(handle)}
+    cell = summary["Local", "accuracy", "Average"]
+    assert float(cell["mean"]) == pytest.approx(mean) and float(cell["ci_low"]) == pytest.approx(low)
+    assert float(cell["ci_high"]) == pytest.approx(high)
+    assert float(summary["Local", "accuracy", "a"]["mean"]) == pytest.approx((per_seed[0][0]["accuracy"]
+                                                                              + per_seed[1][0]["accuracy"]) / 2)
+    text = files["markdown"].read_text()
+    assert "| Local |" in text and "| FedAvg+FT |" in text and "Local − FedAvg" in text
+    with files["runs"].open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3 * 2 * 6  # rows x seeds x clients
+    # One run serves FedAvg and FedAvg+FT: two folders per seed, not three.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fedavg", "local"]
+
+
+def test_finished_runs_are_reused_and_other_settings_refused(tiny_values, tmp_path, monkeypatch):
+    table = tiny_table(tiny_values)
+    reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    monkeypatch.setattr(table_module, "ensure_run", lambda values, log: (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(AssertionError):  # FedAvg is not there yet: it would train
+        reproduce(table, out=tmp_path, seeds=[0], options={}, log=lambda line: None)
+    monkeypatch.undo()
+    reused = []
+    monkeypatch.setattr("fedward.engine.simulation.run", lambda *a, **k: reused.append(a))
+    reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    assert reused == []  # finished: read, not trained again
+    monkeypatch.undo()
+    changed = Table(**{**table.__dict__, "base": lambda options: {**tiny_values, "comm_round": 1, "lr": 0.5}})
+    with pytest.raises(ConfigError, match="other settings \\(lr\\)"):
+        reproduce(changed, out=tmp_path, seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    with pytest.raises(ConfigError, match="--only Lokal"):
+        reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Lokal"], log=lambda line: None)
+
+
+@pytest.mark.parametrize("options", [{}, {"data_dir": "BreaKHis_v1", "rounds": 2}])
+def test_every_run_of_the_mhpflid_table_is_a_valid_config(options, tmp_path):
+    table = TABLES["mhpflid-breakhis"]
+    for spec in table.runs:
+        values = run_settings(table, spec, 0, options, tmp_path)
+        cfg = build_config(values)
+        assert cfg.method == spec.settings["method"] and cfg.seed == cfg.data_seed == 0
+        assert cfg.dataset == ("breakhis" if options else "synthetic_multires")
+        assert not cfg.augment and cfg.batch_size == 8
