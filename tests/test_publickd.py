@@ -102,6 +102,16 @@ def test_simplex_projection_by_hand():
     torch.testing.assert_close(project_rows_onto_simplex(rows), expected)
 
 
+def test_ktpfl_sends_each_client_its_own_target_only():
+    algorithm = server("ktpfl")
+    targets = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    message = algorithm.server_message(2, {"targets": targets}, {})
+    for k in (0, 1):
+        assert set(algorithm.client_message(message, k).arrays) == {"targets"}
+        assert torch.equal(algorithm.client_message(message, k).arrays["targets"], targets[k])
+    assert algorithm.client_message(algorithm.server_message(1, {}, {}), 0).arrays == {}
+
+
 def test_ktpfl_personalised_targets_and_one_coefficient_step_by_hand():
     s = [[0.8, 0.2], [0.4, 0.6]]  # one public image, two clients' soft predictions
     soft = torch.tensor(s, dtype=torch.float64).reshape(2, 1, 2)
@@ -198,7 +208,8 @@ def test_learning_from_the_aggregate_moves_the_outputs_towards_it(method):
         else:
             aggregate = {"targets": class_one.repeat(4, rows, 1)}
         state = {"local": algorithm.initial_local_state(0)}  # past its first round: no transfer learning
-        sim.run_client(ClientTask(2, 0, algorithm.server_message(2, aggregate, {}), state), evaluate_local=False)
+        message = algorithm.client_message(algorithm.server_message(2, aggregate, {}), 0)
+        sim.run_client(ClientTask(2, 0, message, state), evaluate_local=False)
         model = algorithm.local_model(sim.workspace, 0)
         model.load_state_dict(state["local"])
         return float(F.softmax(algorithm.public_logits(sim.workspace, model), 1)[:, 1].mean())

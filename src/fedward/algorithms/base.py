@@ -315,6 +315,11 @@ class Algorithm:
     def server_message(self, round_index: int, global_state: Arrays, server_state: dict[str, Any]) -> ServerMessage:
         return ServerMessage(round=round_index, arrays=global_state, config={"total-rounds": self.cfg.comm_round})
 
+    def client_message(self, message: ServerMessage, client_id: int) -> ServerMessage:
+        """What client ``client_id`` receives of the round's message (default: all of it; KT-pFL sends each
+        client its own personalised target only)."""
+        return message
+
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
                   server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         """The next global model and what to log (``weights``: one per reply). ``server_state`` may be

@@ -21,10 +21,8 @@ w and C are updated alternately by gradient steps. A round here:
 
   (eta = ``--ktpfl_coef_lr``), then sends t_n = sum_m c_nm s_m with the new C.
 
-The engine sends one message to every client, so it carries every client's target, (N, P, K), and
-client n takes row n. Compared with sending client n its t_n alone (the paper's protocol) this
-shows each client the other clients' personalised targets: mixtures of everyone's soft predictions.
-The round loop would need a per-client message to avoid it.
+The server keeps every client's target, (N, P, K), as its global state (checkpointed) and sends
+client n only its own t_n (``client_message``), as the paper's protocol.
 
 Sources: the abstract (personalised soft predictions as a linear combination of all clients'
 through a knowledge-coefficient matrix, trained with the models by alternating gradient steps);
@@ -132,12 +130,17 @@ class KTpFL(PublicKDMethod):
         return {"targets": targets}, {"weights": coefficients.mean(0).tolist(),
                                       "knowledge_coefficients": coefficients.tolist()}
 
+    def client_message(self, message: ServerMessage, client_id: int) -> ServerMessage:
+        if "targets" not in message.arrays:
+            return message
+        return ServerMessage(message.round, {"targets": message.arrays["targets"][client_id]}, message.config)
+
     # -- client -------------------------------------------------------------------------------
     def learn_from_server(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                           generator: torch.Generator, local) -> dict[str, float]:
         if "targets" not in message.arrays:  # round 1: no soft predictions yet
             return {"distill-steps": 0.0, "distill-loss": 0.0}
-        target = message.arrays["targets"][client.client_id].to(ws.device)
+        target = message.arrays["targets"].to(ws.device)
         tau = self.cfg.ktpfl_temperature
         return self.fit_public(ws, local, state, "distill", None,
                                lambda logits, positions: soft_target_kl(logits, target[positions], tau),

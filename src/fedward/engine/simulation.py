@@ -193,7 +193,8 @@ class SimulationClients:
         return [c.client_id for c in self.sim.training_clients]
 
     def train(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
-        tasks = [ClientTask(round_index, k, message, self.states[k]) for k in client_ids]
+        tasks = [ClientTask(round_index, k, self.sim.algorithm.client_message(message, k), self.states[k])
+                 for k in client_ids]
         results = self.executor.run(tasks, evaluate_local=evaluate_local, progress=self.progress)
         for result in results:
             self.states[result.reply.client_id] = result.state

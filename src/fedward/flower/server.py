@@ -288,10 +288,10 @@ class Coordinator:
         connected = self.clients()
         outcomes = [Outcome(k, None, status="dropped", reason="not connected") for k in sorted(wanted - set(connected))]
         participants = [connected[k] for k in sorted(wanted & set(connected))]
-        content = encode_server_message(message, {"spec": spec_to_json(self.spec), "run-key": self.run_key,
-                                                  "evaluate-local": evaluate_local})
-        answers = self.exchange({p.node_id: content for p in participants}, "train", f"round-{round_index}",
-                                self.settings.round_timeout)
+        extra = {"spec": spec_to_json(self.spec), "run-key": self.run_key, "evaluate-local": evaluate_local}
+        contents = {p.node_id: encode_server_message(self.algorithm.client_message(message, p.client_id), extra)
+                    for p in participants}
+        answers = self.exchange(contents, "train", f"round-{round_index}", self.settings.round_timeout)
         for p in participants:
             answer = answers[p.node_id]
             outcome = Outcome(p.client_id, None, status="dropped", reason=self.failure(answer), node=p.node_id)
