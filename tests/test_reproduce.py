@@ -73,3 +73,14 @@ def test_every_run_of_the_mhpflid_table_is_a_valid_config(options, tmp_path):
         assert cfg.method == spec.settings["method"] and cfg.seed == cfg.data_seed == 0
         assert cfg.dataset == ("breakhis" if options else "synthetic_multires")
         assert not cfg.augment and cfg.batch_size == 8
+
+
+def test_the_command_names_bad_arguments(capsys, tmp_path):
+    from fedward.cli import main
+
+    assert main(["reproduce", "mhpflid-breakhis", "--seeds", "0"]) == 2
+    assert "--seeds 0: expected at least 1" in capsys.readouterr().err
+    assert main(["reproduce", "mhpflid-breakhis", "--data_dir", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["reproduce", "mhpflid-breakhis", "--only", "Lokal", "--out", str(tmp_path / "r")]) == 2
+    assert "--only Lokal: not rows of mhpflid-breakhis" in capsys.readouterr().err

@@ -506,6 +506,8 @@ def command_data(args: argparse.Namespace) -> int:
 
 
 def command_reproduce(args) -> int:
+    from pathlib import Path
+
     from fedward.reproduce import TABLES, reproduce
 
     if args.seeds < 1:
