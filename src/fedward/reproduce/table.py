@@ -138,8 +138,9 @@ def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, A
     runs = list({r.run.label: r.run for r in rows}.values())
     out.mkdir(parents=True, exist_ok=True)
     total, done = len(runs) * len(seeds), 0
-    # Every configuration is checked before anything trains, so a bad one fails at once.
-    grid = [(spec, seed, run_settings(table, spec, seed, options, out)) for spec in runs for seed in seeds]
+    # Every configuration is checked before anything trains, so a bad one fails at once. Seed by seed,
+    # so that an interrupted command has every row for its first seeds.
+    grid = [(spec, seed, run_settings(table, spec, seed, options, out)) for seed in seeds for spec in runs]
     from fedward.config import build_config
 
     for _, _, values in grid:
