@@ -95,12 +95,20 @@ class FedRepOptions(LocalTraining):
                                   "(paper: 10; PFLlib: 1)", check=at_least(1))
 
 
-@register_method
-class FedRep(FedAvg):
-    name = "fedrep"
-    summary = "FedRep (Collins et al. 2021): the body is averaged, each client's head fc stays with it"
-    Options = FedRepOptions
+class SplitModel(FedAvg):
+    """Base of FedRep and LG-FedAvg: the model split into its head ``fc`` and its body; the part named
+    by ``shares`` is averaged by the server, the other stays with each client (in its state), and the
+    client's deliverable is the two parts it has just trained."""
+
     personalised = True
+    shares: str  # "body" (FedRep) or "head" (LG-FedAvg)
+
+    def shared_part(self, arrays: Arrays) -> Arrays:
+        return body_of(arrays) if self.shares == "body" else head_of(arrays)
+
+    @property
+    def kept(self) -> str:
+        return "head" if self.shares == "body" else "body"
 
     @classmethod
     def prepare_run(cls, cfg, spec: TaskSpec, num_clients: int) -> None:
@@ -108,21 +116,36 @@ class FedRep(FedAvg):
         check_head_split(cls, cfg, spec)
 
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
-        return set(body_of(global_state))
+        return set(self.shared_part(global_state))
 
     def reply_reference(self, global_state: Arrays, server_state: dict[str, Any]) -> Arrays:
-        return body_of(global_state)
+        return self.shared_part(global_state)
 
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
                   server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
         return average_part(global_state, replies)
 
-    # -- client ---------------------------------------------------------------------------------
     def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any], client: ClientData):
         model = super().load_start_model(ws, message, state, client)
-        if "head" in state:
-            model.load_state_dict(state["head"], strict=False)
+        if self.kept in state:
+            model.load_state_dict(state[self.kept], strict=False)
         return model
+
+    def reply_arrays(self, trained: Arrays, message: ServerMessage, state: dict[str, Any], steps: int) -> Arrays:
+        # The shared part is kept only as part of the deliverable: next round starts from the global one.
+        state["head"], state["body"] = head_of(trained), body_of(trained)
+        return state[self.shares]
+
+    def local_model_state(self, reply: ClientReply, state: dict[str, Any]) -> Arrays | None:
+        return {**state["body"], **state["head"]} if "body" in state else None
+
+
+@register_method
+class FedRep(SplitModel):
+    name = "fedrep"
+    summary = "FedRep (Collins et al. 2021): the body is averaged, each client's head fc stays with it"
+    Options = FedRepOptions
+    shares = "body"
 
     def client_update(self, ws: Workspace, client: ClientData, message: ServerMessage, state: dict[str, Any],
                       generator: torch.Generator) -> ClientReply:
@@ -157,11 +180,3 @@ class FedRep(FedAvg):
             state["head-optimizer"] = optimizer.state_dict()
         state["head"] = head_of(to_cpu(model.state_dict()))
         return mean_loss
-
-    def reply_arrays(self, trained: Arrays, message: ServerMessage, state: dict[str, Any], steps: int) -> Arrays:
-        # The body is kept only as part of the deliverable: next round starts from the global body.
-        state["head"], state["body"] = head_of(trained), body_of(trained)
-        return state["body"]
-
-    def local_model_state(self, reply: ClientReply, state: dict[str, Any]) -> Arrays | None:
-        return {**state["body"], **state["head"]} if "body" in state else None
