@@ -29,7 +29,6 @@ update equations, alpha adapted at every step. PFLlib adds 0.02 alpha to grad_al
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,13 +37,12 @@ from torch import nn
 from torch.func import functional_call
 
 from fedward.algorithms.base import (
-    Arrays, ClientReply, LocalTraining, ServerMessage, Workspace, batchnorm_buffer_keys, examples_seen, make_optimizer,
+    Arrays, ClientReply, LocalTraining, ServerMessage, Workspace, batchnorm_buffer_keys, examples_seen,
     to_cpu, training_batches,
 )
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.data.types import ClientData
-from fedward.losses import build_loss
 from fedward.options import UNIT_INTERVAL, option
 
 
@@ -97,12 +95,8 @@ class APFL(FedAvg):
         v_model.load_state_dict(state.get("personal", message.arrays))  # first round: the received global model
         adaptive = cfg.apfl_adaptive_alpha
         alpha = torch.tensor(state.get("alpha", cfg.apfl_alpha), device=ws.device, requires_grad=adaptive)
-        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
-                             global_class_counts=self.spec.global_class_counts)
-        loss_fn.start_round(message.round - 1, cfg.comm_round)
-        optimizer = make_optimizer(cfg, [*w_model.parameters(), *v_model.parameters()])
-        if cfg.persist_optimizer_state and "optimizer" in state:
-            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        loss_fn = self.task_loss(client, message.round)
+        optimizer = self.kept_optimizer([*w_model.parameters(), *v_model.parameters()], state, "optimizer")
         grad_clip = cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip
         w_model.train()
         v_model.train()

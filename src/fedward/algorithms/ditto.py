@@ -20,18 +20,16 @@ per batch in turn: the personal epochs run first, then FedAvg's, as PFLlib does 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, LocalTraining, ServerMessage, Workspace, make_optimizer, to_cpu
+from fedward.algorithms.base import Arrays, ClientReply, LocalTraining, ServerMessage, Workspace, to_cpu
 from fedward.algorithms.fedavg import ExtraLossFn, FedAvg, train_local
 from fedward.algorithms.fedprox import proximal_term
 from fedward.algorithms.registry import register_method
 from fedward.data.types import ClientData
-from fedward.losses import build_loss
 from fedward.options import NON_NEGATIVE, at_least, option
 
 
@@ -64,12 +62,8 @@ class Ditto(FedAvg):
         cfg = self.cfg
         model = ws.model
         model.load_state_dict(state.get("personal", message.arrays))  # first round: the received global model
-        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
-                             global_class_counts=self.spec.global_class_counts)
-        loss_fn.start_round(message.round - 1, cfg.comm_round)
-        optimizer = make_optimizer(cfg, model.parameters())
-        if cfg.persist_optimizer_state and "personal-optimizer" in state:
-            optimizer.load_state_dict(copy.deepcopy(state["personal-optimizer"]))
+        loss_fn = self.task_loss(client, message.round)
+        optimizer = self.kept_optimizer(model.parameters(), state, "personal-optimizer")
         _, mean_loss = train_local(
             ws, model, client, epochs=cfg.ditto_personal_epochs, batch_size=cfg.batch_size, loss_fn=loss_fn,
             optimizer=optimizer, generator=generator, extra_loss=self.personal_penalty(ws, model, message),

@@ -103,6 +103,21 @@ class FedAvg(Algorithm):
         """Client-side bookkeeping after local training (MOON keeps its previous model)."""
 
     # -- client -------------------------------------------------------------------------------
+    def task_loss(self, client: ClientData, round_index: int) -> nn.Module:
+        """The local loss from this client's own class counts, at round ``round_index``'s schedule."""
+        loss_fn = build_loss(self.cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
+                             global_class_counts=self.spec.global_class_counts)
+        loss_fn.start_round(round_index - 1, self.cfg.comm_round)
+        return loss_fn
+
+    def kept_optimizer(self, params, state: dict[str, Any], key: str) -> torch.optim.Optimizer:
+        """The local optimizer, with its state from ``state[key]`` under ``persist_optimizer_state``."""
+        optimizer = make_optimizer(self.cfg, params)
+        if self.cfg.persist_optimizer_state and key in state:
+            # A copy: the saved state must stay as it was (the checkpoint may still be writing it).
+            optimizer.load_state_dict(copy.deepcopy(state[key]))
+        return optimizer
+
     def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any],
                          client: ClientData) -> nn.Module:
         model = ws.model
@@ -115,13 +130,8 @@ class FedAvg(Algorithm):
                       generator: torch.Generator) -> ClientReply:
         cfg = self.cfg
         model = self.load_start_model(ws, message, state, client)
-        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
-                             global_class_counts=self.spec.global_class_counts)
-        loss_fn.start_round(message.round - 1, cfg.comm_round)
-        optimizer = make_optimizer(cfg, model.parameters())
-        if cfg.persist_optimizer_state and "optimizer" in state:
-            # A copy: the saved state must stay as it was (the checkpoint may still be writing it).
-            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        loss_fn = self.task_loss(client, message.round)
+        optimizer = self.kept_optimizer(model.parameters(), state, "optimizer")
         steps, mean_loss = train_local(
             ws, model, client, epochs=cfg.epochs, batch_size=cfg.batch_size, loss_fn=loss_fn, optimizer=optimizer,
             generator=generator, forward=self.forward_fn(ws, message, state),
@@ -150,10 +160,8 @@ class FedAvg(Algorithm):
         cfg = self.cfg
         model = ws.model
         model.load_state_dict(global_state)
-        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
-                             global_class_counts=self.spec.global_class_counts)
-        loss_fn.start_round(cfg.comm_round - 1, cfg.comm_round)
-        train_local(ws, model, client, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, loss_fn=loss_fn,
+        train_local(ws, model, client, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
+                    loss_fn=self.task_loss(client, cfg.comm_round),
                     optimizer=make_optimizer(cfg, model.parameters()), generator=generator,
                     grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
         return model

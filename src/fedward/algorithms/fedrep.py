@@ -27,7 +27,6 @@ deliverable is the body the client has just trained, with its head.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -36,13 +35,12 @@ import torch
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
 from fedward.algorithms.base import (
-    Arrays, ClientReply, LocalTraining, ServerMessage, TaskSpec, Workspace, make_optimizer, to_cpu,
+    Arrays, ClientReply, LocalTraining, ServerMessage, TaskSpec, Workspace, to_cpu,
 )
 from fedward.algorithms.fedavg import FedAvg, train_local
 from fedward.algorithms.registry import register_method
 from fedward.data.types import ClientData
 from fedward.errors import ConfigError
-from fedward.losses import build_loss
 from fedward.options import at_least, option
 
 HEAD_PREFIX = "fc."  # every fedward model names its final classifier ``fc``
@@ -165,12 +163,9 @@ class FedRep(SplitModel):
         model = self.load_start_model(ws, message, state, client)
         # The workspace's last update may have left body gradients, which would enter the clip norm.
         model.zero_grad(set_to_none=True)
-        loss_fn = build_loss(cfg.loss_fn_name, client.train.class_counts(self.spec.num_classes).tolist(),
-                             global_class_counts=self.spec.global_class_counts)
-        loss_fn.start_round(message.round - 1, cfg.comm_round)
-        optimizer = make_optimizer(cfg, (p for name, p in model.named_parameters() if is_head(name)))
-        if cfg.persist_optimizer_state and "head-optimizer" in state:
-            optimizer.load_state_dict(copy.deepcopy(state["head-optimizer"]))
+        loss_fn = self.task_loss(client, message.round)
+        optimizer = self.kept_optimizer((p for name, p in model.named_parameters() if is_head(name)), state,
+                                        "head-optimizer")
         with frozen(p for name, p in model.named_parameters() if not is_head(name)):
             _, mean_loss = train_local(
                 ws, model, client, epochs=cfg.head_epochs, batch_size=cfg.batch_size, loss_fn=loss_fn,
