@@ -64,6 +64,25 @@ def test_finished_runs_are_reused_and_other_settings_refused(tiny_values, tmp_pa
         reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Lokal"], log=lambda line: None)
 
 
+def test_jobs_train_runs_in_processes_with_the_cores_shared_and_reuse_finished_runs(tiny_values, tmp_path):
+    import yaml
+
+    from fedward.engine.setup import cpu_cores
+
+    table = tiny_table(tiny_values)
+    two_threads = Table(**{**table.__dict__, "base": lambda options: {**table.base(options), "threads": 2}})
+    reproduce(two_threads, out=tmp_path, seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    local_results = tmp_path / "local" / "seed0" / "results.json"
+    before = local_results.stat().st_mtime_ns
+    lines = []
+    files = reproduce(two_threads, out=tmp_path, seeds=[0], options={}, jobs=2, log=lines.append)
+    assert local_results.stat().st_mtime_ns == before  # finished under another thread count: reused
+    config = yaml.safe_load((tmp_path / "fedavg" / "seed0" / "config.yaml").read_text())
+    assert config["threads"] == max(1, cpu_cores() // 2)
+    assert yaml.safe_load((tmp_path / "local" / "seed0" / "config.yaml").read_text())["threads"] == 2
+    assert len(lines) == 2 and "| FedAvg+FT |" in files["markdown"].read_text()
+
+
 @pytest.mark.parametrize("options", [{}, {"data_dir": "BreaKHis_v1", "rounds": 2}])
 def test_every_run_of_the_mhpflid_table_is_a_valid_config(options, tmp_path):
     table = TABLES["mhpflid-breakhis"]

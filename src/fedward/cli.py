@@ -208,6 +208,9 @@ def _add_reproduce_parser(subparsers) -> None:
                            help="the one architecture of the homogeneous baselines (default: resnet17)")
     reproduce.add_argument("--only", nargs="+", metavar="ROW", help="only these rows or runs (labels as in the table)")
     reproduce.add_argument("--out", help="folder of the runs and the table (default: runs/reproduce-<table>)")
+    reproduce.add_argument("--jobs", type=int, default=1,
+                           help="runs trained at once, each in its own process with cores/jobs torch threads "
+                                "(default: 1; a CPU run's last bits depend on its thread count)")
 
 
 def _add_prior_parser(subparsers) -> None:
@@ -514,12 +517,15 @@ def command_reproduce(args) -> int:
         raise ConfigError(f"--seeds {args.seeds}: expected at least 1")
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds {args.rounds}: expected at least 1")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: expected at least 1")
     if args.data_dir and not Path(args.data_dir).exists():
         raise ConfigError(f"--data_dir {args.data_dir} does not exist")
     options = {"data_dir": args.data_dir, "rounds": args.rounds, "image_size": args.image_size,
                "homogeneous_model": args.homogeneous_model}
     out = Path(args.out or Path("runs") / f"reproduce-{args.table}")
-    files = reproduce(TABLES[args.table], out=out, seeds=list(range(args.seeds)), options=options, only=args.only)
+    files = reproduce(TABLES[args.table], out=out, seeds=list(range(args.seeds)), options=options, only=args.only,
+                      jobs=args.jobs)
     print(files["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in files.values()))
     return 0

@@ -112,9 +112,13 @@ def initial_global_state(cfg: RunConfig, build: Callable[[], nn.Module]) -> tupl
     return get_algorithm(cfg.method).initial_state(cfg, build)
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def configure_threads(num_workers: int, requested: int = 0) -> int:
     """Torch threads per worker: the cores shared out, so no more busy threads than cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = requested or max(1, cores // max(num_workers, 1))
+    threads = requested or max(1, cpu_cores() // max(num_workers, 1))
     torch.set_num_threads(threads)
     return threads
