@@ -4,6 +4,7 @@ with the real file names and key names, random values)."""
 
 from __future__ import annotations
 
+import math
 import shlex
 
 import pytest
@@ -164,3 +165,63 @@ def test_cached_prior_features_are_the_prior_on_unaugmented_images(tiny_values):
     with pytest.raises(Exception, match="needs a fixed prior"):
         build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "cache_prior_features": True,
                       "prior_bn_drift": True})
+
+
+@pytest.mark.parametrize("loss, aux_head, fc_type, fc_free_type", [
+    ("LDAM", "cosine", "CosineClassifier", "CosineClassifier"),  # the reference: ClassifierLDAM for both heads
+    ("LDAM", "linear", "CosineClassifier", "Linear"),
+    ("CE", "cosine", "Linear", "Linear"),
+])
+def test_ldam_makes_both_heads_cosine_classifiers(tiny_values, loss, aux_head, fc_type, fc_free_type):
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+                        "loss_fn_name": loss, "ldam_aux_head": aux_head})
+    model = Simulation(cfg, load_data(cfg), "cpu").build_model()
+    assert (type(model.fc).__name__, type(model.fc_free).__name__) == (fc_type, fc_free_type)
+    z, _, z2 = model.forward_all(torch.randn(3, 3, 16, 16))
+    if fc_free_type == "CosineClassifier":
+        assert z2.abs().max() <= 1.0 + 1e-6  # LDAM's scale 30 then meets bounded logits, as in the reference
+
+
+def test_option_for_another_setting_is_an_error(tiny_values):
+    from fedward.errors import ConfigError
+
+    base = {**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1}
+    with pytest.raises(ConfigError, match="--ldam_aux_head linear applies to --loss_fn_name LDAM"):
+        build_config({**base, "ldam_aux_head": "linear"})
+    with pytest.raises(ConfigError, match="--free_u0_task_mean plain applies to --free_u 0"):
+        build_config({**base, "free_u0_task_mean": "plain"})
+    with pytest.raises(ConfigError, match="--rf_normalisation present applies to the MAS"):
+        build_config({**base, "rf_normalisation": "present"})
+
+
+@pytest.mark.parametrize("mean, expected", [("weighted", 2.0), ("plain", 4.0 / 3.0 + 1.0)])
+def test_free_u_zero_task_mean_by_hand(tiny_values, mean, expected):
+    from fedward.algorithms.fedmas import TaskLosses
+    from fedward.losses import build_loss
+
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 0,
+                        "loss_fn_name": "RW", "free_u0_task_mean": mean})
+    algorithm = Simulation(cfg, load_data(cfg), "cpu").algorithm
+    # RW with counts [3, 1]: w = n / (C n_j) = [2/3, 2]. Zero logits: every per-sample CE is log 2.
+    losses = TaskLosses(*(build_loss("RW", [3, 1], reduction=r) for r in ("mean", "mean", "none")))
+    z = z2 = torch.zeros(2, 2)
+    labels = torch.tensor([0, 1])
+    loss, divergence = algorithm.local_objective(losses, z, None, z2, labels, prior_feature=None, free_factor=0.0)
+    # weighted: (2/3 + 2) log 2 / (2/3 + 2) = log 2 for each head; plain: (2/3 + 2) log 2 / 2 for z
+    assert float(loss) == pytest.approx(expected * math.log(2.0))
+    torch.testing.assert_close(divergence, torch.tensor([2.0 / 3.0, 2.0]) * math.log(2.0))
+
+
+def test_lrd_ramps_free_u_down_from_start_free_rd(tiny_values):
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 3,
+                        "comm_round": 100, "LRD": True, "start_free_rd": 30})
+    algorithm = Simulation(cfg, load_data(cfg), "cpu").algorithm
+    # 0-based round r = round - 1: 3 until r = 30, then 3 (1 - (r - 30) / 70): r = 65 -> 1.5, r = 99 -> 3/70
+    factors = [algorithm.free_factor(r + 1) for r in (0, 29, 30, 65, 99)]
+    assert factors == pytest.approx([3.0, 3.0, 3.0, 1.5, 3.0 / 70.0])
+    plain = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 3})
+    assert Simulation(plain, load_data(plain), "cpu").algorithm.free_factor(99) == 3.0
+    from fedward.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--LRD ramps down --free_u, which is 0"):
+        build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 0, "LRD": True})

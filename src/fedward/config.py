@@ -26,8 +26,17 @@ PARTITION_METHODS = ("natural", "homo", "iid", "hetero", "dirichlet", "pathologi
 # Keys a run directory's config.yaml carries for information; a config file may hold them.
 INFO_KEYS = ("class_names", "client_names", "fedward_version")
 
-# Flags of the reference code that have no effect there (fedmas.md section 7 item 11, 6.3).
+# Flags of the reference code that fedward rejects, each with the reason: no effect there, or a
+# crash or bug there (fedmas.md section 7 item 11, 6.3).
 DEAD_REFERENCE_FLAGS: dict[str, str] = {
+    "balanced_free": "the reference crashes with it on the first batch when --free_u > 0 (its class-weighted "
+                     "alignment loss has shape (1, B), which the class-wise accumulation rejects), and with --free_u 0 "
+                     "it has no effect",
+    "multi_step": "with --adjust_learning_rate the reference multiplies the lr by 0.1 at every round from 60 on, "
+                  "compounding through the saved optimizer state (a bug); fedward has the cosine schedule only",
+    "adam_w": "the reference crashes with it (torch's Adam has no 'wd' argument); use --adamw",
+    "validate_client_every": "it only sets how often the reference's --validate_client evaluates (training and "
+                             "aggregation do not change); fedward's --eval_every sets the cadence of every evaluation",
     "distill_u": "its 'global' distillation loss is the constant 0 in the reference code",
     "ramp_fed": "it has no effect on the fedavg/fedmas paths of the reference code",
     "update_encoder": "it has no effect on the fedavg/fedmas paths of the reference code",

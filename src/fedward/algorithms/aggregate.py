@@ -23,8 +23,10 @@ def weighted_average(states: Sequence[Arrays], weights: Sequence[float]) -> Arra
     """sum_k w_k * state_k for every entry, accumulated in a fixed order (the order given), so the
     result does not depend on which client finished first.
 
-    Floating-point entries are averaged in float32; integer entries (BatchNorm's
-    ``num_batches_tracked``) are averaged and rounded. The reference sums every entry, BN running
+    Floating-point entries are averaged in float32. Integer entries (BatchNorm's
+    ``num_batches_tracked``) are averaged in float32 and truncated toward zero, as the reference's
+    ``sum(sd[key] * cw[i])`` loaded back into an integer buffer is (a counter that no fedward model
+    reads: BatchNorm uses it only without a momentum). The reference sums every entry, BN running
     statistics included.
     """
     if not states:
@@ -46,8 +48,8 @@ def weighted_average(states: Sequence[Arrays], weights: Sequence[float]) -> Arra
                 acc.add_(state[key].to(torch.float32), alpha=float(weight))
             result[key] = acc.to(first.dtype)
         else:
-            acc64 = torch.zeros_like(first, dtype=torch.float64)
+            total = torch.zeros_like(first, dtype=torch.float32)
             for state, weight in zip(states, weights):
-                acc64.add_(state[key].to(torch.float64), alpha=float(weight))
-            result[key] = acc64.round().to(first.dtype)
+                total = total + state[key] * float(weight)
+            result[key] = total.trunc().to(first.dtype)
     return result

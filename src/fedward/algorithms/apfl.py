@@ -38,7 +38,7 @@ from torch.func import functional_call
 
 from fedward.algorithms.base import (
     Arrays, ClientReply, LocalTraining, ServerMessage, Workspace, batchnorm_buffer_keys, examples_seen,
-    to_cpu, training_batches,
+    round_lr, to_cpu, training_batches,
 )
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
@@ -96,17 +96,18 @@ class APFL(FedAvg):
         adaptive = cfg.apfl_adaptive_alpha
         alpha = torch.tensor(state.get("alpha", cfg.apfl_alpha), device=ws.device, requires_grad=adaptive)
         loss_fn = self.task_loss(client, message.round)
-        optimizer = self.kept_optimizer([*w_model.parameters(), *v_model.parameters()], state, "optimizer")
+        optimizer = self.kept_optimizer([*w_model.parameters(), *v_model.parameters()], state, "optimizer",
+                                        message.round)
         grad_clip = cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip
         w_model.train()
         v_model.train()
         split = client.train
         totals, steps = torch.zeros(2, dtype=torch.float64), 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator):
+        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator, balanced=cfg.instance_sampling):
             images = split.images[index].to(ws.device, non_blocking=True)
             labels = split.labels[index].to(ws.device, non_blocking=True)
             losses = apfl_step(w_model, v_model, alpha, ws.augment(images, generator), labels, loss_fn, optimizer,
-                               alpha_lr=cfg.lr if adaptive else None, grad_clip=grad_clip)
+                               alpha_lr=round_lr(cfg, message.round) if adaptive else None, grad_clip=grad_clip)
             totals += torch.stack(losses).double().cpu()
             steps += 1
         if cfg.persist_optimizer_state:

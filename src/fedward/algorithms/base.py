@@ -10,6 +10,8 @@ never go into a reply.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
@@ -123,9 +125,17 @@ class LocalTraining(Epochs):
 
     lr: float = option(3e-4, "learning rate", check=POSITIVE)
     adam: bool = option(False, "use Adam (no weight decay, as the reference) instead of SGD")
+    adamw: bool = option(False, "use AdamW at --lr with weight decay --wd (the reference's fedavg, fedprox and moon; "
+                                "its fedmas ignores the flag and runs SGD)", reference=True)
     momentum: float = option(0.9, "SGD momentum", check=NON_NEGATIVE)
     nesterov: bool = option(True, "SGD Nesterov momentum")
-    wd: float = option(1e-4, "SGD weight decay (the reference's Adam has none)", check=NON_NEGATIVE)
+    wd: float = option(1e-4, "SGD and AdamW weight decay (the reference's Adam has none)", check=NON_NEGATIVE)
+    adjust_learning_rate: bool = option(False, "the reference's per-round cosine decay to 1e-4: lr_r = 1e-4 + (lr - "
+                                               "1e-4)(1 + cos(pi (r + 1) / R)) / 2 at 0-based round r of R (its moon "
+                                               "ignores the flag)", reference=True)
+    instance_sampling: bool = option(False, "class-balanced sampling (the reference's ImbalancedDatasetSampler): each "
+                                            "epoch draws n train samples with replacement, sample i with probability "
+                                            "proportional to 1 / n_(y_i)", reference=True)
     bn_policy: str = option("average", "BatchNorm statistics: 'average' (whole state dict, reference) or 'local' "
                                        "(FedBN/FLamby)", choices=("average", "local"))
     model: str = option("resnet18", "model name from the registry (fedward models)")
@@ -147,28 +157,59 @@ def fine_tunes(cfg: "RunConfig") -> bool:
     return cfg.has("finetune_epochs") and cfg.finetune_epochs > 0
 
 
-def make_optimizer(cfg: "RunConfig", params) -> torch.optim.Optimizer:
+SCHEDULE_FLOOR_LR = 1e-4  # the reference's adjust_learning_rate decays to this, whatever --lr is
+
+
+def round_lr(cfg: "RunConfig", round_index: int | None) -> float:
+    """The learning rate of 1-based round ``round_index``: ``--lr``, or with ``--adjust_learning_rate``
+    the reference's cosine 1e-4 + (lr - 1e-4)(1 + cos(pi (r + 1) / R)) / 2 at 0-based r. (With
+    --lr below 1e-4 the reference's schedule rises to 1e-4; fedward computes the same.)"""
+    if round_index is None or not (cfg.has("adjust_learning_rate") and cfg.adjust_learning_rate):
+        return cfg.lr
+    r = round_index - 1
+    return SCHEDULE_FLOOR_LR + 0.5 * (cfg.lr - SCHEDULE_FLOOR_LR) * (1.0 + math.cos(math.pi * (r + 1) / cfg.comm_round))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_optimizer(cfg: "RunConfig", params, round_index: int | None = None) -> torch.optim.Optimizer:
     """SGD(momentum, nesterov, weight decay) or, with ``--adam``, Adam without weight decay
-    (the reference's choice for every method).
+    (the reference's choice for every method), or with ``--adamw`` AdamW with weight decay; at
+    round ``round_index``'s learning rate (:func:`round_lr`).
 
     The fused kernels compute the same update in one pass over each tensor; on our 2-core CPU the
     fused Adam step is about 2x faster than torch's default per-tensor loop.
     """
     params = list(params)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    lr = round_lr(cfg, round_index)
+    if cfg.has("adamw") and cfg.adamw:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.wd, fused=fused)
     if cfg.adam:
-        return torch.optim.Adam(params, lr=cfg.lr, fused=fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        return torch.optim.Adam(params, lr=lr, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                            weight_decay=cfg.wd, fused=fused)
 
 
-def training_batches(split: Split, batch_size: int, epochs: int, generator: torch.Generator):
+def training_batches(split: Split, batch_size: int, epochs: int, generator: torch.Generator, *,
+                     balanced: bool = False):
     """Yield (epoch, index tensor) for shuffled batches, the last incomplete batch dropped as in the
     reference loader. A client with fewer samples than a batch trains on one smaller batch
-    rather than not at all."""
+    rather than not at all. ``balanced`` (``--instance_sampling``): each epoch's order is n draws
+    with replacement, sample i with probability proportional to 1 / n_(y_i), so every class present
+    is drawn equally often on average."""
     n = len(split)
+    if balanced and n:
+        counts = torch.bincount(split.labels.long())
+        sample_weights = 1.0 / counts[split.labels.long()].double()
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        if balanced and n:
+            order = torch.multinomial(sample_weights, n, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n, generator=generator)
         if n < batch_size:
             yield epoch, order
             continue

@@ -63,10 +63,11 @@ class Ditto(FedAvg):
         model = ws.model
         model.load_state_dict(state.get("personal", message.arrays))  # first round: the received global model
         loss_fn = self.task_loss(client, message.round)
-        optimizer = self.kept_optimizer(model.parameters(), state, "personal-optimizer")
+        optimizer = self.kept_optimizer(model.parameters(), state, "personal-optimizer", message.round)
         _, mean_loss = train_local(
             ws, model, client, epochs=cfg.ditto_personal_epochs, batch_size=cfg.batch_size, loss_fn=loss_fn,
             optimizer=optimizer, generator=generator, extra_loss=self.personal_penalty(ws, model, message),
+            balanced=cfg.instance_sampling,
             grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
         if cfg.persist_optimizer_state:
             state["personal-optimizer"] = optimizer.state_dict()

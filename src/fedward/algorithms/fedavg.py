@@ -21,10 +21,13 @@ from fedward.algorithms.base import (
     batchnorm_buffer_keys,
     examples_seen,
     make_optimizer,
+    round_lr,
+    set_lr,
     to_cpu,
     training_batches,
 )
 from fedward.data.types import ClientData
+from fedward.errors import ConfigError
 from fedward.losses import build_loss
 
 # (model, images) -> (logits, anything the extra loss needs)
@@ -40,19 +43,20 @@ def plain_forward(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
 def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: int, batch_size: int,
                 loss_fn: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                 forward: ForwardFn = plain_forward, extra_loss: ExtraLossFn | None = None,
-                grad_clip: float | None = None,
+                grad_clip: float | None = None, balanced: bool = False,
                 after_backward: Callable[[nn.Module], None] | None = None) -> tuple[int, float]:
     """Run ``epochs`` epochs of minibatch training on the client's train split.
 
     Returns (number of steps, mean task+extra loss). Images are augmented as whole batches on the
     training device with the client's generator, so the work is reproducible bit for bit.
     ``after_backward(model)`` may change the gradients before clipping and the optimizer step
-    (SCAFFOLD's control-variate correction).
+    (SCAFFOLD's control-variate correction). ``balanced``: class-balanced sampling
+    (``--instance_sampling``).
     """
     model.train()
     split = client.train
     total, steps = torch.zeros((), dtype=torch.float64), 0
-    for _, index in training_batches(split, batch_size, epochs, generator):
+    for _, index in training_batches(split, batch_size, epochs, generator, balanced=balanced):
         images = split.images[index].to(ws.device, non_blocking=True)
         labels = split.labels[index].to(ws.device, non_blocking=True)
         inputs = ws.augment(images, generator)
@@ -110,12 +114,19 @@ class FedAvg(Algorithm):
         loss_fn.start_round(round_index - 1, self.cfg.comm_round)
         return loss_fn
 
-    def kept_optimizer(self, params, state: dict[str, Any], key: str) -> torch.optim.Optimizer:
-        """The local optimizer, with its state from ``state[key]`` under ``persist_optimizer_state``."""
-        optimizer = make_optimizer(self.cfg, params)
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.adam and cfg.adamw:
+            raise ConfigError("--adam and --adamw: choose one optimizer")
+
+    def kept_optimizer(self, params, state: dict[str, Any], key: str, round_index: int) -> torch.optim.Optimizer:
+        """The local optimizer at round ``round_index``'s learning rate, with its state from
+        ``state[key]`` under ``persist_optimizer_state``."""
+        optimizer = make_optimizer(self.cfg, params, round_index)
         if self.cfg.persist_optimizer_state and key in state:
             # A copy: the saved state must stay as it was (the checkpoint may still be writing it).
             optimizer.load_state_dict(copy.deepcopy(state[key]))
+            set_lr(optimizer, round_lr(self.cfg, round_index))  # the saved groups carry last round's lr
         return optimizer
 
     def load_start_model(self, ws: Workspace, message: ServerMessage, state: dict[str, Any],
@@ -131,10 +142,10 @@ class FedAvg(Algorithm):
         cfg = self.cfg
         model = self.load_start_model(ws, message, state, client)
         loss_fn = self.task_loss(client, message.round)
-        optimizer = self.kept_optimizer(model.parameters(), state, "optimizer")
+        optimizer = self.kept_optimizer(model.parameters(), state, "optimizer", message.round)
         steps, mean_loss = train_local(
             ws, model, client, epochs=cfg.epochs, batch_size=cfg.batch_size, loss_fn=loss_fn, optimizer=optimizer,
-            generator=generator, forward=self.forward_fn(ws, message, state),
+            generator=generator, balanced=cfg.instance_sampling, forward=self.forward_fn(ws, message, state),
             extra_loss=self.extra_loss_fn(ws, message, state), after_backward=self.gradient_hook(ws, message, state),
             grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
         if cfg.persist_optimizer_state:
@@ -163,6 +174,7 @@ class FedAvg(Algorithm):
         train_local(ws, model, client, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
                     loss_fn=self.task_loss(client, cfg.comm_round),
                     optimizer=make_optimizer(cfg, model.parameters()), generator=generator,
+                    balanced=cfg.instance_sampling,
                     grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
         return model
 

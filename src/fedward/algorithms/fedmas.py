@@ -22,9 +22,8 @@ instead of f(aug(x)) on every batch.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,18 +35,27 @@ from fedward.algorithms.base import (
     ServerMessage,
     Workspace,
     examples_seen,
-    make_optimizer,
     to_cpu,
     training_batches,
 )
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
-from fedward.algorithms.mas import ClassDivergence, alignment_loss, mas_drw_weights, mas_weights, robust_factor
+from fedward.algorithms.mas import (
+    RF_NORMALISATIONS, ClassDivergence, alignment_loss, mas_drw_weights, mas_weights, robust_factor,
+)
 from fedward.data.types import ClientData
 from fedward.errors import ConfigError
 from fedward.options import NON_NEGATIVE, option
 from fedward.losses import build_loss
 from fedward.seeding import torch_generator
+
+class TaskLosses(NamedTuple):
+    """The task loss of z (mean), of the auxiliary head's z2 (mean, its own object as in the
+    reference), and per sample (the divergence when free_u = 0)."""
+    task: Any
+    aux: Any
+    per_sample: Any
+
 
 # Heads a client keeps for itself under each --update_projector_head policy.
 LOCAL_HEADS = {"both": (), "free": ("fc.",), "global": ("p_free.", "fc_free.")}
@@ -71,6 +79,19 @@ class FedMASOptions(GlobalTraining):
     # Case-insensitive, so the reference README's --aggregate_method='MAS' works (the reference crashes on it).
     aggregate_method: str = option("avg", "server aggregation: avg, mas, mas_inv, mas_DRW (any case)",
                                    choices=("avg", "mas", "mas_inv", "mas_drw"), lower=True, reference=True)
+    LRD: bool = option(False, "ramp lambda_f down linearly from 0-based round s = --start_free_rd: free_u (1 - (r - s) "
+                              "/ (R - s)) at round r >= s (the reference's; its source says it does not help)",
+                       reference=True)
+    start_free_rd: int = option(30, "the 0-based round where --LRD's ramp-down starts", check=NON_NEGATIVE,
+                                reference=True)
+    rf_normalisation: str = option("all", "the robust factor's sum of w_hat: over all classes (the reference) or over "
+                                          "the classes present in w only", choices=RF_NORMALISATIONS)
+    ldam_aux_head: str = option("cosine", "with --loss_fn_name LDAM, the auxiliary head fc_free: cosine (the "
+                                          "reference) or linear", choices=("cosine", "linear"))
+    free_u0_task_mean: str = option("weighted", "with --free_u 0 and class weights (CB, RW, LDAM's DRW), the task "
+                                                "loss's mean: weighted (sum w_y l / sum w_y, torch's mean, as with "
+                                                "free_u > 0) or plain (mean of w_y l, the reference's)",
+                                    choices=("weighted", "plain"))
 
 
 @register_method
@@ -81,14 +102,43 @@ class FedMAS(FedAvg):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         if cfg.pre_trained_models is None:
             raise ConfigError("--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, mix, auto, random, "
                               "or a checkpoint file")
         if cfg.cache_prior_features and cfg.prior_bn_drift:
             raise ConfigError("--cache_prior_features needs a fixed prior; --prior_bn_drift changes it in round 1")
+        if cfg.ldam_aux_head != "cosine" and cfg.loss_fn_name != "LDAM":
+            raise ConfigError(f"--ldam_aux_head {cfg.ldam_aux_head} applies to --loss_fn_name LDAM only "
+                              f"(the loss is {cfg.loss_fn_name})")
+        if cfg.LRD and cfg.free_u == 0:
+            raise ConfigError("--LRD ramps down --free_u, which is 0")
+        if cfg.free_u0_task_mean != "weighted" and cfg.free_u != 0:
+            raise ConfigError(f"--free_u0_task_mean {cfg.free_u0_task_mean} applies to --free_u 0 only "
+                              f"(free_u is {cfg.free_u})")
+        if cfg.rf_normalisation != "all" and cfg.aggregate_method == "avg":
+            raise ConfigError(f"--rf_normalisation {cfg.rf_normalisation} applies to the MAS aggregations only "
+                              "(--aggregate_method is avg)")
         if cfg.pre_trained_models == "mix" and cfg.prior_path:
             raise ConfigError("--pre_trained_models mix uses two files (moco and IMAGENET1K_V1) from the prior folder "
                               "($FEDWARD_CACHE/priors); drop --prior_path")
+
+    @classmethod
+    def model_builder(cls, cfg, spec):
+        """The global model; with LDAM the reference makes both heads cosine classifiers (its
+        ClassifierLDAM for fc and fc_free), so LDAM's scale s = 30 meets logits in [-1, 1] in both."""
+        from fedward.losses import build_loss
+        from fedward.models.heads import use_cosine_classifier
+
+        build = super().model_builder(cfg, spec)
+        if not (build_loss(cfg.loss_fn_name, [1] * spec.num_classes).needs_cosine_classifier
+                and cfg.ldam_aux_head == "cosine"):
+            return build
+
+        def build_with_cosine_aux_head():
+            return use_cosine_classifier(build(), head="fc_free")
+
+        return build_with_cosine_aux_head
 
     @classmethod
     def wrap_model(cls, cfg, spec, model):
@@ -149,6 +199,31 @@ class FedMAS(FedAvg):
             return per_sample_task(z, labels).detach()
         return alignment_loss(p, target()).detach()
 
+    def free_factor(self, round_index: int) -> float:
+        """lambda_f in 1-based round ``round_index``: --free_u, or under --LRD the reference's ramp-down
+        free_u (1 - min(1, (r - s) / (R - s))) from 0-based round r = s on."""
+        cfg = self.cfg
+        r, s = round_index - 1, cfg.start_free_rd
+        if not cfg.LRD or r < s:
+            return cfg.free_u
+        length = cfg.comm_round - s
+        return cfg.free_u * (1.0 - (1.0 if r - s >= length else (r - s) / length))
+
+    def local_objective(self, losses: "TaskLosses", z, p, z2, labels, prior_feature,
+                        free_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, per-sample divergence) of one batch: L = task(z, y) + task'(z2, y) + free_factor * mean_i
+        alignment; with free_u = 0, L = task(z, y) + task'(z2, y) and the divergence is the
+        per-sample task loss. ``prior_feature()`` gives f(x)."""
+        cfg = self.cfg
+        if cfg.free_u == 0:
+            per_sample = losses.per_sample(z, labels)
+            # The reference switches the task loss to reduction "none" and takes the plain mean.
+            main = per_sample.mean() if cfg.free_u0_task_mean == "plain" else losses.task(z, labels)
+            return main + losses.aux(z2, labels), per_sample.detach()
+        per_sample = alignment_loss(p, prior_feature())
+        loss = losses.task(z, labels) + losses.aux(z2, labels) + free_factor * per_sample.mean()
+        return loss, per_sample.detach()
+
     def _cached_features(self, ws: Workspace, prior, client: ClientData) -> torch.Tensor:
         """--cache_prior_features: f(x) of the client's un-augmented (normalised) train images,
         computed once per worker. An approximation: the reference aligns p(aug(x)) to f(aug(x))."""
@@ -177,8 +252,8 @@ class FedMAS(FedAvg):
         counts = client.train.class_counts(self.spec.num_classes)
         make = lambda reduction: build_loss(cfg.loss_fn_name, counts.tolist(), reduction=reduction,  # noqa: E731
                                             global_class_counts=self.spec.global_class_counts)
-        task, task_aux, per_sample_task = make("mean"), make("mean"), make("none")
-        for loss in (task, task_aux, per_sample_task):
+        losses = TaskLosses(make("mean"), make("mean"), make("none"))
+        for loss in losses:
             loss.start_round(message.round - 1, cfg.comm_round)
         split = client.train
 
@@ -190,33 +265,27 @@ class FedMAS(FedAvg):
             model.eval()
             prepass = torch_generator(cfg.seed, "mas-prepass", message.round, client.client_id)
             with torch.no_grad():
-                for _, index in training_batches(split, cfg.batch_size, 1, prepass):
+                for _, index in training_batches(split, cfg.batch_size, 1, prepass, balanced=cfg.instance_sampling):
                     images = ws.augment(split.images[index].to(ws.device), prepass)
                     labels = split.labels[index].to(ws.device)
                     z, p, _ = model.forward_all(images)
-                    before.add(self._divergence(lambda: target(images, index), labels, z, p, per_sample_task), labels)
+                    before.add(self._divergence(lambda: target(images, index), labels, z, p, losses.per_sample), labels)
             prior.train(False)
             if cfg.prior_bn_drift and message.round == 1:
                 state["prior-batchnorm"] = to_cpu(dict(prior.named_buffers()))
 
         # Step 2: local training, accumulating the divergence during training.
-        optimizer = make_optimizer(cfg, model.parameters())
-        if cfg.persist_optimizer_state and "optimizer" in state:
-            optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        optimizer = self.kept_optimizer(model.parameters(), state, "optimizer", message.round)
         during = ClassDivergence(counts)
+        free_factor = self.free_factor(message.round)
         model.train()
         total, steps = 0.0, 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator):
+        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator, balanced=cfg.instance_sampling):
             images = ws.augment(split.images[index].to(ws.device), generator)
             labels = split.labels[index].to(ws.device)
             z, p, z2 = model.forward_all(images)
-            if cfg.free_u == 0:
-                divergence = per_sample_task(z, labels).detach()
-                loss = task(z, labels) + task_aux(z2, labels)
-            else:
-                per_sample = alignment_loss(p, target(images, index))
-                divergence = per_sample.detach()
-                loss = task(z, labels) + task_aux(z2, labels) + cfg.free_u * per_sample.mean()
+            loss, divergence = self.local_objective(losses, z, p, z2, labels, lambda: target(images, index),
+                                                    free_factor)
             during.add(divergence, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,7 +301,8 @@ class FedMAS(FedAvg):
         if kept:
             state["local-heads"] = {k: v for k, v in arrays.items() if k.startswith(kept)}
         w, w_hat = before.value(), during.value()
-        rf = robust_factor(w, w_hat, inverse=cfg.aggregate_method == "mas_inv") if cfg.aggregate_method != "avg" else 1.0
+        rf = (robust_factor(w, w_hat, inverse=cfg.aggregate_method == "mas_inv", normalise_over=cfg.rf_normalisation)
+              if cfg.aggregate_method != "avg" else 1.0)
         metrics = {"num-examples": float(examples_seen(len(split), cfg.batch_size)), "train-loss": total / max(steps, 1),
                    "steps": float(steps), "robust-factor": float(rf)}
         # Logged per round, as the reference sends them for logging: the class-wise divergences.

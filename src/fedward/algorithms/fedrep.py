@@ -165,11 +165,11 @@ class FedRep(SplitModel):
         model.zero_grad(set_to_none=True)
         loss_fn = self.task_loss(client, message.round)
         optimizer = self.kept_optimizer((p for name, p in model.named_parameters() if is_head(name)), state,
-                                        "head-optimizer")
+                                        "head-optimizer", message.round)
         with frozen(p for name, p in model.named_parameters() if not is_head(name)):
             _, mean_loss = train_local(
                 ws, model, client, epochs=cfg.head_epochs, batch_size=cfg.batch_size, loss_fn=loss_fn,
-                optimizer=optimizer, generator=generator,
+                optimizer=optimizer, generator=generator, balanced=cfg.instance_sampling,
                 grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
         if cfg.persist_optimizer_state:
             state["head-optimizer"] = optimizer.state_dict()

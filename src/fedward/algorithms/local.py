@@ -33,6 +33,7 @@ class Local(FedAvg):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         check_client_models(cfg)
 
     def server_message(self, round_index: int, global_state: Arrays, server_state) -> ServerMessage:

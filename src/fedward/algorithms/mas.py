@@ -8,10 +8,9 @@ Pure functions on tensors, so each piece can be checked by hand:
 - ``ClassDivergence``: the class-wise divergence w_c = (1/N_c) * sum_{i: y_i = c} l_i, where N_c
   is the client's full class count (so with drop_last a class can be under-counted, and a very
   rare class can come out as 0, exactly as in the reference);
-- ``robust_factor``: RF = sum over present classes of (w_c / sum w)(w_hat_c / sum w_hat);
+- ``robust_factor``: RF = sum over present classes of (w_c / sum w)(w_hat_c / sum w_hat), w_hat's
+  sum over every class as in the reference (or over the present ones);
 - the server weights of ``--aggregate_method`` mas, mas_inv and mas_DRW.
-
-The method (projector, prior, training loop) that uses them is the Fed-MAS issue's work.
 """
 
 from __future__ import annotations
@@ -55,29 +54,43 @@ class ClassDivergence:
         return torch.where(counts > 0, self.totals / counts.clamp(min=1), torch.zeros_like(self.totals))
 
 
-def robust_factor(before: torch.Tensor, during: torch.Tensor, *, inverse: bool = False) -> float:
-    """RF = sum_{c in P} (w_c / sum_P w)(w_hat_c / sum_P w_hat), P = {c : w_c != 0}.
+RF_NORMALISATIONS = ("all", "present")
+
+
+def robust_factor(before: torch.Tensor, during: torch.Tensor, *, inverse: bool = False,
+                  normalise_over: str = "all") -> float:
+    """RF = sum_{c in P} (w_c / sum_c' w_c')(w_hat_c / sum_c' w_hat_c'), P = {c : w_c != 0}.
 
     ``before`` is w (the received global model, before local training), ``during`` is w_hat
     (accumulated while training). With ``inverse`` (mas_inv) w_hat_c is replaced by 1 / w_hat_c
-    over the present classes before normalising.
+    over P before normalising.
+
+    ``normalise_over`` is where w_hat's sum runs. ``all`` (the reference, and the paper's formula
+    read literally): every class, so a class the pre-pass missed (w_c = 0: drop_last skipped every
+    sample of a rare class) but training saw still counts in the sum, though not in P. ``present``:
+    over P only, so the q_c of P sum to 1. The two agree whenever w and w_hat are zero for the
+    same classes.
     """
+    if normalise_over not in RF_NORMALISATIONS:
+        raise ValueError(f"normalise_over must be one of {RF_NORMALISATIONS}, got {normalise_over!r}")
     before = before.to(torch.float64)
-    during = during.to(torch.float64)
+    during = during.to(torch.float64).clone()
     present = before != 0
     if inverse:
         # A rare class can be skipped by every drop_last batch of training (w_hat_c = 0) though the
-        # pre-pass saw it; the reference then divides by zero. fedward leaves such a class out.
-        present &= during != 0
+        # pre-pass saw it; the reference then divides by zero (RF is NaN). fedward leaves such a
+        # class out of P and of the sums.
+        skipped = present & (during == 0)
+        present &= ~skipped
+        before = torch.where(skipped, torch.zeros_like(before), before)
     if not bool(present.any()):
         raise FedwardError("robust factor: the client's divergence is 0 for every class (no class present)")
-    w = before[present]
-    w_hat = during[present]
     if inverse:
-        w_hat = 1.0 / w_hat
-    if float(w_hat.sum()) == 0.0:
+        during[present] = 1.0 / during[present]
+    w_hat_total = during.sum() if normalise_over == "all" else during[present].sum()
+    if float(w_hat_total) == 0.0:
         raise FedwardError("robust factor: the divergence during training is 0 for every present class")
-    return float(((w / w.sum()) * (w_hat / w_hat.sum())).sum())
+    return float(((before[present] / before.sum()) * (during[present] / w_hat_total)).sum())
 
 
 def mas_weights(robust_factors: Sequence[float]) -> list[float]:

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining, LocalTraining, ServerMessage, Workspace
+from fedward.algorithms.base import (
+    Arrays, ClientReply, GlobalTraining, LocalTraining, ServerMessage, Workspace, round_lr,
+)
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.errors import ConfigError
@@ -48,9 +50,10 @@ class Scaffold(FedAvg):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.adam:
+        super().check_config(cfg)
+        if cfg.adam or cfg.adamw:
             raise ConfigError("--method scaffold: option II's control variates (x - y) / (K lr) assume SGD steps; "
-                              "drop --adam")
+                              f"drop --{'adam' if cfg.adam else 'adamw'}")
 
     def declared_reply_keys(self, global_state: Arrays) -> set[str]:
         return set(global_state) | {CONTROL + k for k in self.parameter_names}
@@ -103,7 +106,7 @@ class Scaffold(FedAvg):
 
     def reply_arrays(self, trained: Arrays, message: ServerMessage, state: dict[str, Any], steps: int) -> Arrays:
         own = self.client_control(message, state)
-        scale = 1.0 / (max(steps, 1) * self.cfg.lr)
+        scale = 1.0 / (max(steps, 1) * round_lr(self.cfg, message.round))
         updated = {k: own[k] - message.arrays[CONTROL + k] + scale * (message.arrays[k].float() - trained[k].float())
                    for k in self.parameter_names}
         state["control"] = updated

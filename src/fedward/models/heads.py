@@ -91,13 +91,13 @@ class CosineClassifier(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.out_features}"
 
 
-def use_cosine_classifier(model: nn.Module, *, generator: torch.Generator | None = None) -> nn.Module:
-    """Replace ``model.fc`` (an ``nn.Linear``) by a CosineClassifier of the same shape; returns ``model``."""
-    fc = getattr(model, "fc", None)
+def use_cosine_classifier(model: nn.Module, *, head: str = "fc", generator: torch.Generator | None = None) -> nn.Module:
+    """Replace ``model.<head>`` (an ``nn.Linear``) by a CosineClassifier of the same shape; returns ``model``."""
+    fc = getattr(model, head, None)
     if not isinstance(fc, nn.Linear):
-        raise ConfigError(f"use_cosine_classifier needs a model whose fc is nn.Linear, got {type(fc).__name__}")
-    head = CosineClassifier(fc.in_features, fc.out_features, generator=generator)
-    model.fc = head.to(device=fc.weight.device, dtype=fc.weight.dtype)
+        raise ConfigError(f"use_cosine_classifier needs a model whose {head} is nn.Linear, got {type(fc).__name__}")
+    cosine = CosineClassifier(fc.in_features, fc.out_features, generator=generator)
+    setattr(model, head, cosine.to(device=fc.weight.device, dtype=fc.weight.dtype))
     return model
 
 
