@@ -225,3 +225,40 @@ def test_lrd_ramps_free_u_down_from_start_free_rd(tiny_values):
 
     with pytest.raises(ConfigError, match="--LRD ramps down --free_u, which is 0"):
         build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 0, "LRD": True})
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_share_prior_forward_replays_the_prepass_batches_and_runs_the_prior_once_per_sample(tiny_values, share):
+    cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+                        "aggregate_method": "mas", "epochs": 2, "share_prior_forward": share})
+    sim = Simulation(cfg, load_data(cfg), "cpu")
+    state0, _ = initial_global_state(cfg, sim.build_model)
+    prior = sim.algorithm.prior(sim.workspace, 0)
+    prior_calls, model_inputs = [], []
+    hook = prior.register_forward_hook(lambda m, args, out: prior_calls.append(len(args[0])))
+    augment = sim.workspace.augment
+
+    def recorded_augment(images, generator):
+        model_inputs.append(augment(images, generator))
+        return model_inputs[-1]
+
+    sim.workspace.augment = recorded_augment
+    sim.run_client(ClientTask(1, 0, sim.algorithm.server_message(1, state0, {}), {}), False)
+    hook.remove()
+    batches = len(sim.training_clients[0].train) // cfg.batch_size
+    # pre-pass + 2 epochs: 3 passes over the batches; the prior runs in all 3, or in 2 when shared
+    assert len(model_inputs) == 3 * batches
+    assert len(prior_calls) == (2 if share else 3) * batches
+    prepass, first_epoch = model_inputs[:batches], model_inputs[batches:2 * batches]
+    replayed = all(torch.equal(a, b) for a, b in zip(prepass, first_epoch))
+    assert replayed == share  # the very same augmented images, so the stored features are f(x) of them
+
+
+def test_share_prior_forward_needs_the_prepass(tiny_values):
+    from fedward.errors import ConfigError
+
+    base = {**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1, "share_prior_forward": True}
+    with pytest.raises(ConfigError, match="needs --aggregate_method mas"):
+        build_config(base)
+    with pytest.raises(ConfigError, match="drop --cache_prior_features"):
+        build_config({**base, "aggregate_method": "mas", "cache_prior_features": True})

@@ -5,7 +5,8 @@ Client k in round t:
    shuffled, augmented, drop_last train batches, class-wise mean alignment loss to the prior;
 2. train: L = task(z, y) + task'(z2, y) + free_u * mean_i(2 - 2 cos(p(x_i), f(x_i))), gradients
    clipped at 5, accumulating w_hat_k from each batch's per-sample losses (before its step);
-3. RF_k = sum_c (w_c / sum w)(w_hat_c / sum w_hat) over present classes, sent as ``robust-factor``.
+3. RF_k = sum over c with w_c != 0 of (w_c / sum w)(w_hat_c / sum w_hat), w_hat's sum over every
+   class as in the reference (``--rf_normalisation``), sent as ``robust-factor``.
 With ``free_u = 0`` the divergence uses the per-sample supervised loss instead (as the reference).
 The server averages with avg (FedAvg), mas (RF_k / sum RF), mas_inv or mas_DRW weights.
 
@@ -15,15 +16,19 @@ Departures from the reference, each cheap to state: the prior stays in eval mode
 ``--update_projector_head free|global`` keep the client's own copy of the other heads across
 rounds (the reference resets them to random weights every round, and crashes on ``free``).
 
-``--cache_prior_features`` (off by default) is a documented approximation for speed: the
-alignment target is the prior's feature of the un-augmented image, computed once per client,
-instead of f(aug(x)) on every batch.
+Two options for speed, off by default. ``--share_prior_forward``: the reference runs the prior
+twice per sample and round with MAS (pre-pass and first epoch); with it the first local epoch
+replays the pre-pass's batches (same indices, same augmentation) and reuses their prior features,
+so f runs once per sample. The computation per batch is the reference's; what changes is that
+epoch 1 sees the pre-pass's shuffle instead of a fresh one. ``--cache_prior_features`` is an
+approximation: the alignment target is the prior's feature of the un-augmented image, computed
+once per client, instead of f(aug(x)) on every batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -49,6 +54,14 @@ from fedward.options import NON_NEGATIVE, option
 from fedward.losses import build_loss
 from fedward.seeding import torch_generator
 
+class PrepassBatch(NamedTuple):
+    """One MAS pre-pass batch kept for --share_prior_forward: its sample indices, the augmentation
+    generator's state before it, and the prior's features of its augmented images."""
+    index: torch.Tensor
+    augment_state: torch.Tensor
+    feature: torch.Tensor
+
+
 class TaskLosses(NamedTuple):
     """The task loss of z (mean), of the auxiliary head's z2 (mean, its own object as in the
     reference), and per sample (the divergence when free_u = 0)."""
@@ -71,6 +84,9 @@ class FedMASOptions(GlobalTraining):
     prior_path: str | None = option(None, "the prior's checkpoint file (default: $FEDWARD_CACHE/priors/<its file name>)")
     prior_bn_drift: bool = option(False, "reproduce the reference's quirk: the prior's BatchNorm statistics drift in "
                                          "round 0")
+    share_prior_forward: bool = option(False, "one prior forward per sample with MAS: the first local epoch replays the "
+                                              "pre-pass's batches (same order, same augmentation) and reuses its prior "
+                                              "features, instead of a fresh shuffle and a second prior forward")
     cache_prior_features: bool = option(False, "approximation, off by default: align to the prior's features of the "
                                                "un-augmented images, computed once per client, instead of a prior "
                                                "forward on every batch")
@@ -106,6 +122,13 @@ class FedMAS(FedAvg):
         if cfg.pre_trained_models is None:
             raise ConfigError("--method fedmas needs --pre_trained_models: moco, IMAGENET1K_V1, 18_img, mix, auto, random, "
                               "or a checkpoint file")
+        if cfg.share_prior_forward:
+            if cfg.aggregate_method == "avg" or cfg.free_u == 0:
+                raise ConfigError("--share_prior_forward reuses the MAS pre-pass's prior features: it needs "
+                                  "--aggregate_method mas, mas_inv or mas_DRW and --free_u > 0")
+            if cfg.cache_prior_features or cfg.prior_bn_drift:
+                raise ConfigError("--share_prior_forward: drop --cache_prior_features and --prior_bn_drift (the "
+                                  "pre-pass's features would not be the training's)")
         if cfg.cache_prior_features and cfg.prior_bn_drift:
             raise ConfigError("--cache_prior_features needs a fixed prior; --prior_bn_drift changes it in round 1")
         if cfg.ldam_aux_head != "cosine" and cfg.loss_fn_name != "LDAM":
@@ -193,12 +216,6 @@ class FedMAS(FedAvg):
             model.load_state_dict(state["local-heads"], strict=False)
         return model
 
-    def _divergence(self, target, labels, z, p, per_sample_task) -> torch.Tensor:
-        """Per-sample divergence: alignment to the prior, or the supervised loss when free_u = 0."""
-        if self.cfg.free_u == 0:
-            return per_sample_task(z, labels).detach()
-        return alignment_loss(p, target()).detach()
-
     def free_factor(self, round_index: int) -> float:
         """lambda_f in 1-based round ``round_index``: --free_u, or under --LRD the reference's ramp-down
         free_u (1 - min(1, (r - s) / (R - s))) from 0-based round r = s on."""
@@ -223,6 +240,23 @@ class FedMAS(FedAvg):
         per_sample = alignment_loss(p, prior_feature())
         loss = losses.task(z, labels) + losses.aux(z2, labels) + free_factor * per_sample.mean()
         return loss, per_sample.detach()
+
+    def _training_batches(self, ws: Workspace, split, generator: torch.Generator, replay: list["PrepassBatch"],
+                          target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        """(augmented images, labels, f(x) thunk) of every training batch. With --share_prior_forward
+        the first epoch is the pre-pass's batches again: the same index and augmentation (its
+        generator state is restored), and the features it computed."""
+        cfg = self.cfg
+        for batch in replay:
+            augment = torch.Generator()
+            augment.set_state(batch.augment_state)
+            images = ws.augment(split.images[batch.index].to(ws.device), augment)
+            yield images, split.labels[batch.index].to(ws.device), (lambda feature=batch.feature: feature)
+        for _, index in training_batches(split, cfg.batch_size, cfg.epochs - (1 if replay else 0), generator,
+                                         balanced=cfg.instance_sampling):
+            images = ws.augment(split.images[index].to(ws.device), generator)
+            yield (images, split.labels[index].to(ws.device),
+                   (lambda images=images, index=index: target(images, index)))
 
     def _cached_features(self, ws: Workspace, prior, client: ClientData) -> torch.Tensor:
         """--cache_prior_features: f(x) of the client's un-augmented (normalised) train images,
@@ -258,6 +292,7 @@ class FedMAS(FedAvg):
         split = client.train
 
         before = ClassDivergence(counts)
+        replay: list[PrepassBatch] = []
         if cfg.aggregate_method != "avg":
             # Step 1: the received global model's divergence, on the client's augmented train batches.
             if cfg.prior_bn_drift and message.round == 1:
@@ -266,10 +301,17 @@ class FedMAS(FedAvg):
             prepass = torch_generator(cfg.seed, "mas-prepass", message.round, client.client_id)
             with torch.no_grad():
                 for _, index in training_batches(split, cfg.batch_size, 1, prepass, balanced=cfg.instance_sampling):
+                    augment_state = prepass.get_state() if cfg.share_prior_forward else None
                     images = ws.augment(split.images[index].to(ws.device), prepass)
                     labels = split.labels[index].to(ws.device)
                     z, p, _ = model.forward_all(images)
-                    before.add(self._divergence(lambda: target(images, index), labels, z, p, losses.per_sample), labels)
+                    if cfg.free_u == 0:
+                        before.add(losses.per_sample(z, labels).detach(), labels)
+                        continue
+                    feature = target(images, index)
+                    before.add(alignment_loss(p, feature), labels)
+                    if cfg.share_prior_forward:
+                        replay.append(PrepassBatch(index, augment_state, feature))
             prior.train(False)
             if cfg.prior_bn_drift and message.round == 1:
                 state["prior-batchnorm"] = to_cpu(dict(prior.named_buffers()))
@@ -280,12 +322,9 @@ class FedMAS(FedAvg):
         free_factor = self.free_factor(message.round)
         model.train()
         total, steps = 0.0, 0
-        for _, index in training_batches(split, cfg.batch_size, cfg.epochs, generator, balanced=cfg.instance_sampling):
-            images = ws.augment(split.images[index].to(ws.device), generator)
-            labels = split.labels[index].to(ws.device)
+        for images, labels, prior_feature in self._training_batches(ws, split, generator, replay, target):
             z, p, z2 = model.forward_all(images)
-            loss, divergence = self.local_objective(losses, z, p, z2, labels, lambda: target(images, index),
-                                                    free_factor)
+            loss, divergence = self.local_objective(losses, z, p, z2, labels, prior_feature, free_factor)
             during.add(divergence, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

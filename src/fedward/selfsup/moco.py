@@ -54,6 +54,11 @@ class MocoSettings:
     key_momentum: float = 0.99
     temperature: float = 0.2
     bn_groups: int = 2
+    # MoCo-v2's augmentation ("aug+"): the smallest crop's share of the image, and how often colour
+    # jitter and greyscale apply.
+    crop_min: float = 0.2
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
     seed: int = 0
 
     def check(self, num_images: int) -> None:
@@ -70,6 +75,8 @@ class MocoSettings:
             raise ConfigError(f"MoCo needs at least one full batch: {num_images} images < batch_size {self.batch_size}")
         if self.queue_size and self.queue_size % self.batch_size:
             raise ConfigError(f"queue_size {self.queue_size} must be a multiple of batch_size {self.batch_size} (as in MoCo)")
+        if not 0 < self.crop_min <= 1 or not 0 <= self.jitter_p <= 1 or not 0 <= self.grayscale_p <= 1:
+            raise ConfigError("crop_min must be in (0, 1], jitter_p and grayscale_p in [0, 1]")
         if not 0 <= self.key_momentum < 1 or not self.temperature > 0 or not self.lr > 0:
             raise ConfigError("key_momentum must be in [0, 1), temperature and lr > 0")
 
@@ -232,7 +239,8 @@ def train_moco(images: torch.Tensor, settings: MocoSettings, out: str | Path, *,
         optimizer.load_state_dict(payload["optimizer"])
         start_epoch, history = int(payload["epoch"]), list(payload["fedward"].get("history", []))
         log(f"resuming {out} after epoch {start_epoch}")
-    augment = MocoV2Augment(settings.image_size)
+    augment = MocoV2Augment(settings.image_size, crop_scale=(settings.crop_min, 1.0), jitter_p=settings.jitter_p,
+                            grayscale_p=settings.grayscale_p)
     info = {"source": source, "num_images": len(images), "queue_size": queue_size}
     if labels is not None and start_epoch == 0:
         info["knn_before"] = knn_accuracy(embed_images(model.encoder_q, images.to(device)), labels)
