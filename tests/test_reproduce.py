@@ -83,6 +83,51 @@ def test_jobs_train_runs_in_processes_with_the_cores_shared_and_reuse_finished_r
     assert len(lines) == 2 and "| FedAvg+FT |" in files["markdown"].read_text()
 
 
+@pytest.mark.parametrize("options", [{}, {"data_dir": "Flamby_isic", "rounds": 2}])
+def test_every_run_of_the_fedmas_table_is_a_valid_config(options, tmp_path):
+    table = TABLES["fedmas-isic"]
+    assert len(table.runs) == 3 * 7 + 4 + 2  # FedAvg/FedProx/MOON x 7 losses, 4 aggregations, 2 bounds
+    for spec in table.runs:
+        cfg = build_config(run_settings(table, spec, 0, options, tmp_path))
+        assert cfg.method == spec.settings["method"] and cfg.loss_fn_name == spec.settings["loss_fn_name"]
+        assert cfg.dataset == ("fed_isic2019" if options else "synthetic") and cfg.epochs == 1 and cfg.adam
+        if cfg.method == "fedmas":
+            assert cfg.free_u == 3 and cfg.loss_fn_name == "BSM"
+            assert cfg.pre_trained_models == ("moco" if options else "auto")
+    assert len({spec.folder for spec in table.runs}) == len(table.runs)
+
+
+def test_a_pooled_table_reads_results_json_and_never_takes_a_bound_as_best_baseline(tiny_values, tmp_path):
+    import json
+
+    from fedward.reproduce.table import BOUND, POOLED_FINAL
+
+    fedavg = RunSpec("fedavg", {"method": "fedavg"})
+    prox = RunSpec("fedprox", {"method": "fedprox"})
+    central = RunSpec("centralized", {"method": "centralized"})
+    table = Table(name="tiny-pooled", title=lambda options: "tiny", client_names=[], pooled=True,
+                  headline=POOLED_FINAL, metrics=(("balanced_accuracy", "BA"),),
+                  base=lambda options: {**tiny_values, "comm_round": 1},
+                  rows=[Row("FedAvg", fedavg, "global", "baseline"), Row("FedProx", prox, "global", "mine"),
+                        Row("Centralized", central, "global", BOUND),
+                        Row("Local", RunSpec("local", {"method": "local"}), group=BOUND)],
+                  comparisons=[("FedProx", "best baseline"), ("Local", "FedAvg")])
+    files = reproduce(table, out=tmp_path, seeds=[0, 1], options={}, log=lambda line: None)
+    final = {(label, s): json.loads((tmp_path / label / f"seed{s}" / "results.json").read_text())["final"]
+             ["balanced_accuracy"] for label in ("fedavg", "fedprox", "centralized") for s in (0, 1)}
+    with files["csv"].open() as handle:
+        summary = {(r["row"], r["metric"], r["client"]): r for r in csv.DictReader(handle)}
+    cell = summary["FedAvg", "pooled_balanced_accuracy_final", "pooled"]
+    assert float(cell["mean"]) == pytest.approx((final["fedavg", 0] + final["fedavg", 1]) / 2)
+    assert ("Local", "pooled_balanced_accuracy_final", "pooled") not in summary  # a local row has no global model
+    text = files["markdown"].read_text()
+    differences = [final["fedprox", s] - final["fedavg", s] for s in (0, 1)]
+    # the only non-bound row outside FedProx's group is FedAvg, whatever the centralized bound scored
+    assert f"FedProx − FedAvg | {sum(differences) / 2:+.3f}" in text
+    assert "Local −" not in text  # Local has no pooled number to compare
+    assert "| method | BCN | HAM_vidir_molemax |" in text  # the data set's own client names
+
+
 @pytest.mark.parametrize("options", [{}, {"data_dir": "BreaKHis_v1", "rounds": 2}])
 def test_every_run_of_the_mhpflid_table_is_a_valid_config(options, tmp_path):
     table = TABLES["mhpflid-breakhis"]
@@ -103,3 +148,5 @@ def test_the_command_names_bad_arguments(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
     assert main(["reproduce", "mhpflid-breakhis", "--only", "Lokal", "--out", str(tmp_path / "r")]) == 2
     assert "--only Lokal: not rows of mhpflid-breakhis" in capsys.readouterr().err
+    assert main(["reproduce", "fedmas-isic", "--homogeneous_model", "resnet8", "--out", str(tmp_path / "r")]) == 2
+    assert "--homogeneous_model does not apply to the fedmas-isic table" in capsys.readouterr().err

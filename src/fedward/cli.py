@@ -205,7 +205,8 @@ def _add_reproduce_parser(subparsers) -> None:
     reproduce.add_argument("--rounds", type=int, help="rounds per run (default: the table's)")
     reproduce.add_argument("--image_size", "--image-size", type=int, help="image size (default: the table's)")
     reproduce.add_argument("--homogeneous_model", "--homogeneous-model",
-                           help="the one architecture of the homogeneous baselines (default: resnet17)")
+                           help="mhpflid-breakhis: the one architecture of the homogeneous baselines (default: "
+                                "resnet17)")
     reproduce.add_argument("--only", nargs="+", metavar="ROW", help="only these rows or runs (labels as in the table)")
     reproduce.add_argument("--out", help="folder of the runs and the table (default: runs/reproduce-<table>)")
     reproduce.add_argument("--jobs", type=int, default=1,
@@ -523,8 +524,13 @@ def command_reproduce(args) -> int:
         raise ConfigError(f"--data_dir {args.data_dir} does not exist")
     options = {"data_dir": args.data_dir, "rounds": args.rounds, "image_size": args.image_size,
                "homogeneous_model": args.homogeneous_model}
+    table = TABLES[args.table]
+    unused = [name for name, value in options.items() if value is not None and name not in table.accepts]
+    if unused:
+        raise ConfigError(f"--{unused[0]} does not apply to the {args.table} table (it takes "
+                          f"{', '.join('--' + name for name in table.accepts)})")
     out = Path(args.out or Path("runs") / f"reproduce-{args.table}")
-    files = reproduce(TABLES[args.table], out=out, seeds=list(range(args.seeds)), options=options, only=args.only,
+    files = reproduce(table, out=out, seeds=list(range(args.seeds)), options=options, only=args.only,
                       jobs=args.jobs)
     print(files["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in files.values()))

@@ -117,6 +117,7 @@ TABLE = register_table(Table(
                 "(second-hand; the paper's table itself was not available). No baseline's numbers are known."),
     comparisons=[("MH-pFLID", "best baseline"), ("MH-pFLID", "MH-pFLID, no attention (R = W_d, T = messenger)"),
                  ("MH-pFLID", "Local")],
+    accepts=("data_dir", "rounds", "image_size", "homogeneous_model"),
     notes=["Budget: the same rounds and 5 data passes per round for every method; Adam 1e-4, clip 1 (SCAFFOLD: SGD "
            "0.01); batch 8; no augmentation.",
            "Homogeneous baselines (FedAvg ... Ditto) train one architecture for every client (ResNet17 unless "

@@ -53,11 +53,20 @@ class Table:
     title: Callable[[dict[str, Any]], str]  # (command options) -> the table's title
     rows: list[Row]
     base: Callable[[dict[str, Any]], dict[str, Any]]  # (command options) -> the settings every run shares
-    client_names: list[str]
+    client_names: list[str]  # column names by client id; empty: the runs' own (config.yaml)
     paper: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> metric -> per client + mean
     paper_note: str = ""
     comparisons: list[tuple[str, str]] = field(default_factory=list)  # (row, row | "best baseline")
     notes: list[str] = field(default_factory=list)
+    # Per-client sections: (metric, heading); each client's model on its own test split.
+    metrics: tuple[tuple[str, str], ...] = (("accuracy", "ACC"), ("macro_f1", "MF1"))
+    # A section with the global model's balanced accuracy on the pooled test set, at the final
+    # round and at the round chosen on the pooled validation split (rows reading a global model).
+    pooled: bool = False
+    # What the paired comparisons compare: a per-client metric's Average, or POOLED_FINAL.
+    headline: str = "accuracy"
+    # The options of `fedward reproduce` that ``title`` and ``base`` read (any other given is an error).
+    accepts: tuple[str, ...] = ("data_dir", "rounds", "image_size")
 
     @property
     def runs(self) -> list[RunSpec]:
@@ -115,6 +124,21 @@ def ensure_run(values: dict[str, Any], log: Callable[[str], None]) -> Path:
     run_dir, data = prepare(cfg, overwrite=True)
     run(cfg, run_dir, data=data)
     return folder
+
+
+POOLED_FINAL = "pooled_final"
+BOUND = "bound"  # the group of rows that bound the comparison (local, centralized): never the "best baseline"
+
+
+def pooled_results(folder: Path) -> dict[str, float]:
+    """The global model's pooled-test balanced accuracy at the final and the validation-selected round."""
+    import json
+
+    summary = json.loads((folder / "results.json").read_text())
+    if summary.get("mode") != "global":
+        raise FedwardError(f"{folder}: a {summary.get('mode')} run has no pooled global-model results")
+    return {"final": float(summary["final"]["balanced_accuracy"]),
+            "selected": float(summary["selected"]["balanced_accuracy"])}
 
 
 def client_results(folder: Path, source: str) -> dict[int, dict[str, float]]:
@@ -184,7 +208,10 @@ def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, A
                 f"({folders[spec.label, seed]})")
     results = {(row.label, seed): client_results(folders[row.run.label, seed], row.source)
                for row in rows for seed in seeds}
-    return write_table(table, rows, seeds, results, out, options)
+    pooled = ({(row.label, seed): pooled_results(folders[row.run.label, seed])
+               for row in rows if row.source == "global" for seed in seeds} if table.pooled else {})
+    names = table.client_names or _run_client_names(next(iter(folders.values())))
+    return write_table(table, rows, seeds, results, out, options, pooled, names)
 
 
 def _cell(values: list[float]) -> str:
@@ -197,35 +224,66 @@ def average_over_clients(per_client: dict[int, dict[str, float]], metric: str) -
     return sum(c[metric] for c in per_client.values()) / len(per_client)
 
 
+def _run_client_names(folder: Path) -> list[str]:
+    from fedward.tracking import RunDirectory
+
+    return list(RunDirectory.open_existing(folder).read_config().get("client_names") or [])
+
+
 def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, out: Path,
-                options: dict[str, Any]) -> dict[str, Path]:
+                options: dict[str, Any], pooled: dict | None = None,
+                client_names: list[str] | None = None) -> dict[str, Path]:
+    """``results``: (row, seed) -> client -> metrics; ``pooled``: (row, seed) -> final/selected
+    pooled balanced accuracy, for the rows that have it; ``client_names`` by client id (default:
+    the table's)."""
+    pooled = pooled or {}
+    known = client_names if client_names is not None else table.client_names
     clients = sorted({k for per in results.values() for k in per})
-    names = [table.client_names[k] if k < len(table.client_names) else str(k) for k in clients]
+    names = [known[k] if k < len(known) else str(k) for k in clients]
     long_rows, summary_rows = [], []
     for row in rows:
         for seed in seeds:
             for k, metrics in sorted(results[row.label, seed].items()):
                 long_rows.append({"row": row.label, "method": row.run.settings.get("method", ""), "seed": seed,
-                                  "client": k, **metrics})
+                                  "client": k, **metrics, **{f"pooled_{key}": value for key, value in
+                                                             pooled.get((row.label, seed), {}).items()}})
     lines = [f"# {table.title(options)}", "",
              f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); each cell: mean ± std over seeds; "
              f"Average: the unweighted mean over clients (the paper's), with the 95% t-interval of its mean.", ""]
-    for metric, heading in (("accuracy", "ACC"), ("macro_f1", "MF1")):
-        lines += [f"## {heading}", "", "| method | " + " | ".join(names) + " | Average | 95% interval |",
+
+    def summary_row(label: str, metric: str, client: str, values: list[float]) -> None:
+        mean, low, high = mean_interval(values)
+        summary_rows.append({"row": label, "metric": metric, "client": client, "mean": mean,
+                             "std": mean_and_std(values)[1], "ci_low": low, "ci_high": high, "seeds": len(values)})
+
+    if table.pooled:
+        lines += ["## Pooled test set: the global model's balanced accuracy", "",
+                  "| method | final round | 95% interval | validation-selected round | 95% interval |",
+                  "| --- | --- | --- | --- | --- |"]
+        for row in rows:
+            if (row.label, seeds[0]) not in pooled:
+                continue
+            cells = []
+            for key in ("final", "selected"):
+                values = [pooled[row.label, seed][key] for seed in seeds]
+                _, low, high = mean_interval(values)
+                cells += [_cell(values), f"[{low:.3f}, {high:.3f}]"]
+                summary_row(row.label, f"pooled_balanced_accuracy_{key}", "pooled", values)
+            lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for metric, heading in table.metrics:
+        lines += [f"## {heading}" + (", each client's model on its own test split" if table.pooled else ""), "",
+                  "| method | " + " | ".join(names) + " | Average | 95% interval |",
                   "| --- | " + " | ".join("---" for _ in names) + " | --- | --- |"]
         for row in rows:
             per_seed = [results[row.label, seed] for seed in seeds]
             cells = [_cell([p[k][metric] for p in per_seed]) for k in clients]
             averages = [average_over_clients(p, metric) for p in per_seed]
-            mean, low, high = mean_interval(averages)
+            _, low, high = mean_interval(averages)
             lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_cell(averages)} | [{low:.3f}, {high:.3f}] |")
             for k, name in zip(clients, names):
-                m, lo, hi = mean_interval([p[k][metric] for p in per_seed])
-                summary_rows.append({"row": row.label, "metric": metric, "client": name, "mean": m,
-                                     "std": mean_and_std([p[k][metric] for p in per_seed])[1], "ci_low": lo,
-                                     "ci_high": hi, "seeds": len(seeds)})
-            summary_rows.append({"row": row.label, "metric": metric, "client": "Average", "mean": mean,
-                                 "std": mean_and_std(averages)[1], "ci_low": low, "ci_high": high, "seeds": len(seeds)})
+                summary_row(row.label, metric, name, [p[k][metric] for p in per_seed])
+            summary_row(row.label, metric, "Average", averages)
         for label, numbers in table.paper.items():
             if metric in numbers:
                 lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in numbers[metric][:-1])
@@ -233,9 +291,11 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
         lines.append("")
     if table.paper_note:
         lines += [table.paper_note, ""]
-    comparisons = paired_comparisons(table, rows, seeds, results)
+    comparisons = paired_comparisons(table, rows, seeds, results, pooled)
     if comparisons:
-        lines += ["## Paired comparisons (Average ACC, same seeds)", "",
+        what = ("pooled test balanced accuracy, final round" if table.headline == POOLED_FINAL else
+                f"Average {dict(table.metrics).get(table.headline, table.headline)}")
+        lines += [f"## Paired comparisons ({what}, same seeds)", "",
                   "| comparison | mean difference | 95% interval | seeds |", "| --- | --- | --- | --- |"]
         lines += [f"| {c['comparison']} | {c['mean']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['seeds']} |"
                   for c in comparisons]
@@ -248,23 +308,32 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
     return files
 
 
-def paired_comparisons(table: Table, rows: list[Row], seeds: list[int], results: dict) -> list[dict[str, Any]]:
-    """Per-seed differences of the Average accuracy between two rows, for each of the table's pairs;
-    "best baseline" is the other row (not of the first row's group) with the highest mean Average."""
-    labels = {r.label: r for r in rows}
-    averages = {r.label: [average_over_clients(results[r.label, s], "accuracy") for s in seeds] for r in rows}
+def paired_comparisons(table: Table, rows: list[Row], seeds: list[int], results: dict,
+                       pooled: dict | None = None) -> list[dict[str, Any]]:
+    """Per-seed differences of the table's headline quantity between two rows, for each of the
+    table's pairs; "best baseline" is the other row (not of the first row's group) with the
+    highest mean. Rows without the quantity (no pooled results) take no part."""
+    pooled = pooled or {}
+
+    def headline(label: str) -> list[float] | None:
+        if table.headline == POOLED_FINAL:
+            return [pooled[label, s]["final"] for s in seeds] if (label, seeds[0]) in pooled else None
+        return [average_over_clients(results[label, s], table.headline) for s in seeds]
+
+    values = {r.label: headline(r.label) for r in rows}
+    labels = {r.label: r for r in rows if values[r.label] is not None}
     out = []
     for first, second in table.comparisons:
         if first not in labels:
             continue
         if second == "best baseline":
-            others = [r for r in rows if r.group != labels[first].group]
+            others = [r for r in labels.values() if r.group not in (labels[first].group, BOUND)]
             if not others:
                 continue
-            second = max(others, key=lambda r: mean_and_std(averages[r.label])[0]).label
+            second = max(others, key=lambda r: mean_and_std(values[r.label])[0]).label
         if second not in labels:
             continue
-        differences = [a - b for a, b in zip(averages[first], averages[second])]
+        differences = [a - b for a, b in zip(values[first], values[second])]
         mean, low, high = mean_interval(differences)
         out.append({"comparison": f"{first} − {second}", "mean": mean, "ci_low": low, "ci_high": high,
                     "seeds": len(seeds)})
