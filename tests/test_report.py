@@ -224,3 +224,17 @@ def test_robust_factors_collects_rf_per_round_and_normalises_last_divergence(tmp
     run = make_run(tmp_path / "fedmas", global_run_rows() + rows[:2], {"method": "fedmas", "client_names": ["A", "B"]})
     images = _embedded_pngs(write_report(run.path).read_text())
     assert (run.path / "robust_factors.png").read_bytes() in images
+
+
+def test_divergence_spread_by_hand() -> None:
+    from fedward.tracking.report import divergence_spread
+
+    rows = [{"round": 3, "scope": "aggregation", "clients": [0, 1], "robust_factor": [0.5, 0.5],
+             # client 0: w = [1, 3] (class 2 absent), client 1: w = [2, 2, 4]
+             "divergence_before_0": [1.0, 2.0], "divergence_before_1": [3.0, 2.0], "divergence_before_2": [0.0, 4.0]}]
+    spread = divergence_spread(rows)
+    # across classes: client 0 CV([1, 3]) = 1/2; client 1 CV([2, 2, 4]) = (sqrt(8/9)) / (8/3) = 0.3536; median of two
+    assert spread["across_classes"] == pytest.approx((0.5 + (8 / 9) ** 0.5 / (8 / 3)) / 2)
+    # across clients: class 0 CV([1, 2]) = 1/3, class 1 CV([3, 2]) = 1/5, class 2 one client only: median of two
+    assert spread["across_clients"] == pytest.approx((1 / 3 + 1 / 5) / 2)
+    assert divergence_spread([{"round": 1, "scope": "aggregation"}]) == {}

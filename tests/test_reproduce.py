@@ -150,3 +150,21 @@ def test_the_command_names_bad_arguments(capsys, tmp_path):
     assert "--only Lokal: not rows of mhpflid-breakhis" in capsys.readouterr().err
     assert main(["reproduce", "fedmas-isic", "--homogeneous_model", "resnet8", "--out", str(tmp_path / "r")]) == 2
     assert "--homogeneous_model does not apply to the fedmas-isic table" in capsys.readouterr().err
+
+
+def test_the_fedmas_table_explains_each_clients_mas_weight(tiny_values, tmp_path):
+    from fedward.reproduce.fedmas_isic import robust_factor_section
+    from fedward.tracking import RunDirectory
+
+    mas = RunSpec("fedmas-mas", {"method": "fedmas", "pre_trained_models": "random", "free_u": 1.0,
+                                 "aggregate_method": "mas"})
+    table = Table(name="tiny-mas", title=lambda options: "tiny", client_names=[], pooled=True,
+                  metrics=(("balanced_accuracy", "BA"),), base=lambda options: {**tiny_values, "comm_round": 1},
+                  rows=[Row("Fed-MAS, mas", mas, "global", "fedmas")], extra=robust_factor_section)
+    text = reproduce(table, out=tmp_path, seeds=[0], options={}, log=lambda line: None)["markdown"].read_text()
+    (line,) = [x for x in text.splitlines() if x.startswith("| Fed-MAS, mas |") and "/" in x]
+    last = [r for r in RunDirectory.open_existing(tmp_path / "fedmas-mas" / "seed0").read_rows()
+            if r.get("scope") == "aggregation"][-1]
+    shares = [n / sum(last["num_examples"]) for n in last["num_examples"]]
+    ratios = [float(x) for x in line.split("|")[4].split("/")]
+    assert ratios == pytest.approx([w / s for w, s in zip(last["weights"], shares)], abs=0.006)

@@ -63,6 +63,36 @@ def base_settings(options: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def robust_factor_section(folders: dict, rows: list[Row], seeds: list[int]) -> list[str]:
+    """For every MAS row: how uneven the class-wise divergences are (the coefficient of variation
+    over a client's classes and over the clients of a class, at the last round) and each client's
+    aggregation weight against its FedAvg weight (its share of the examples), means over seeds."""
+    from fedward.metrics import mean_and_std
+    from fedward.tracking import RunDirectory
+    from fedward.tracking.report import divergence_spread
+
+    lines = ["## Fed-MAS's robust factors: what MAS weighs", "",
+             "Last round, mean over seeds. Spread: std / mean of the divergences w_kc, over a client's classes and "
+             "over the clients that have a class (0: flat, so RF_k = 1 / |classes of k|). Weights: each client's "
+             "MAS aggregation weight / its FedAvg weight (its share of the examples).", "",
+             "| row | spread over classes | spread over clients | weight / FedAvg weight per client |",
+             "| --- | --- | --- | --- |"]
+    for row in rows:
+        if row.run.settings.get("aggregate_method") in (None, "avg"):
+            continue
+        spreads, ratios = [], []
+        for seed in seeds:
+            found = RunDirectory.open_existing(folders[row.run.label, seed]).read_rows()
+            spreads.append(divergence_spread(found))
+            last = max((r for r in found if r.get("scope") == "aggregation"), key=lambda r: r["round"])
+            counts = last["num_examples"]
+            ratios.append([w / (n / sum(counts)) for w, n in zip(last["weights"], counts)])
+        across = [mean_and_std([s[key] for s in spreads])[0] for key in ("across_classes", "across_clients")]
+        per_client = " / ".join(f"{mean_and_std([r[k] for r in ratios])[0]:.2f}" for k in range(len(ratios[0])))
+        lines.append(f"| {row.label} | {across[0]:.2f} | {across[1]:.2f} | {per_client} |")
+    return lines + [""]
+
+
 def title(options: dict[str, Any]) -> str:
     settings = base_settings(options)
     where = (f"Fed-ISIC2019 from {options['data_dir']}" if options.get("data_dir") else
@@ -89,4 +119,5 @@ TABLE = register_table(Table(
     metrics=(("balanced_accuracy", "BA"),),
     pooled=True,
     headline=POOLED_FINAL,
+    extra=robust_factor_section,
 ))

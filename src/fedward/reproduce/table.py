@@ -67,6 +67,8 @@ class Table:
     headline: str = "accuracy"
     # The options of `fedward reproduce` that ``title`` and ``base`` read (any other given is an error).
     accepts: tuple[str, ...] = ("data_dir", "rounds", "image_size")
+    # More Markdown after the tables, from the runs: (folders by (run label, seed), rows, seeds) -> lines.
+    extra: Callable[[dict[tuple[str, int], Path], list[Row], list[int]], list[str]] | None = None
 
     @property
     def runs(self) -> list[RunSpec]:
@@ -211,7 +213,8 @@ def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, A
     pooled = ({(row.label, seed): pooled_results(folders[row.run.label, seed])
                for row in rows if row.source == "global" for seed in seeds} if table.pooled else {})
     names = table.client_names or _run_client_names(next(iter(folders.values())))
-    return write_table(table, rows, seeds, results, out, options, pooled, names)
+    extra = table.extra(folders, rows, seeds) if table.extra else []
+    return write_table(table, rows, seeds, results, out, options, pooled, names, extra)
 
 
 def _cell(values: list[float]) -> str:
@@ -232,7 +235,7 @@ def _run_client_names(folder: Path) -> list[str]:
 
 def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, out: Path,
                 options: dict[str, Any], pooled: dict | None = None,
-                client_names: list[str] | None = None) -> dict[str, Path]:
+                client_names: list[str] | None = None, extra: list[str] | None = None) -> dict[str, Path]:
     """``results``: (row, seed) -> client -> metrics; ``pooled``: (row, seed) -> final/selected
     pooled balanced accuracy, for the rows that have it; ``client_names`` by client id (default:
     the table's)."""
@@ -300,6 +303,7 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
         lines += [f"| {c['comparison']} | {c['mean']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['seeds']} |"
                   for c in comparisons]
         lines.append("")
+    lines += extra or []
     lines += [f"- {note}" for note in table.notes]
     files = {"markdown": out / "table.md", "csv": out / "table.csv", "runs": out / "runs.csv"}
     files["markdown"].write_text("\n".join(lines).rstrip() + "\n")

@@ -485,6 +485,34 @@ def robust_factors(rows: list[dict]) -> dict:
     return {"factors": factors, "last_round": last["round"], "classes": classes, "clients": last["clients"], "share": share}
 
 
+def divergence_spread(rows: list[dict]) -> dict[str, float]:
+    """How uneven Fed-MAS's class-wise divergences w_kc (before training) are at the last round:
+    the coefficient of variation (std / mean) over a client's present classes (0: flat, so RF_k =
+    1 / |classes of k| whatever the data), and over the clients that have a class; each the median.
+    Empty when the run logs no divergences."""
+    found = [r for r in rows if r.get("scope") == "aggregation" and r.get("robust_factor") is not None]
+    if not found:
+        return {}
+    last = max(found, key=lambda r: r["round"])
+    classes = sorted(int(k.rsplit("_", 1)[1]) for k in last if k.startswith("divergence_before_"))
+    table = [[float(last[f"divergence_before_{c}"][i]) for c in classes] for i in range(len(last["clients"]))]
+
+    def cv(values: list[float]) -> float | None:
+        values = [v for v in values if v > 0]
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)
+        return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 / mean
+
+    def median(values: list[float | None]) -> float:
+        kept = sorted(v for v in values if v is not None)
+        return kept[len(kept) // 2] if len(kept) % 2 else 0.5 * (kept[len(kept) // 2 - 1] + kept[len(kept) // 2])
+
+    return {"across_classes": median([cv(row) for row in table]),
+            "across_clients": median([cv([row[j] for row in table]) for j in range(len(classes))]),
+            "round": last["round"]}
+
+
 def robust_factors_figure(found: dict, client_names: list[str] | None = None, class_names: list[str] | None = None) -> Any:
     """Left: RF_k per round (MAS weights are RF_k / sum RF). Right: w_k[c] / sum_c w_k[c] at the
     last round; a client's RF is large when its divergence is spread over few classes."""
