@@ -156,3 +156,15 @@ def test_the_benchmark_grids_build_valid_configs():
             if overrides["method"] == "fedmas":
                 overrides = {**results.FEDMAS, **overrides, "pre_trained_models": "random"}
             build_config({**base, **overrides})
+
+
+@pytest.mark.parametrize("values, dataset", [
+    ({}, "synthetic"),
+    ({"data_dir": "data/Flamby_isic"}, "fed_isic2019"),  # the seed's commands
+    ({"method": "mhpflid"}, "synthetic_multires"),  # a model-heterogeneous method's own setting
+    ({"method": "fml", "data_dir": "BreaKHis_v1"}, "breakhis"),
+    ({"method": "mhpflid", "dataset": "synthetic_multires"}, "synthetic_multires"),
+    ({"method": "fedavg", "dataset": "synthetic_multires"}, "synthetic_multires"),
+])
+def test_a_method_takes_its_natural_data_set_when_none_is_named(values, dataset):
+    assert build_config(values).dataset == dataset

@@ -67,7 +67,8 @@ class RunConfig:
 
     # -- what runs
     method: str = option("fedavg", "training method (see the method groups below)")
-    dataset: str = option("synthetic", "data set (see the data-set groups below); --data_dir alone means fed_isic2019")
+    dataset: str | None = option(None, "data set (see the data-set groups below; default: the method's own, synthetic "
+                                       "or synthetic_multires, and with --data_dir alone fed_isic2019 or breakhis)")
     comm_round: int = option(10, "number of communication rounds", check=at_least(1))
     batch_size: int = option(64, "training batch size (the last incomplete batch is dropped, as in the reference)",
                              check=at_least(1))
@@ -205,9 +206,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_dataset(values: dict[str, Any]) -> str:
-    """The data set a run uses: --dataset, or fed_isic2019 when only --data_dir is given (the seed's
-    commands give just ``--data_dir data/Flamby_isic``)."""
-    dataset = str(values.get("dataset") or "synthetic").lower()
+    """The data set a run uses: --dataset, or else the method's natural one (``natural_datasets``):
+    its built-in set, or with --data_dir alone its real one (the seed's commands give just
+    ``--data_dir data/Flamby_isic``; ``--dataset synthetic`` with --data_dir also means fed_isic2019)."""
+    from fedward.algorithms import get_algorithm
+
+    built_in, real = get_algorithm(str(values.get("method", default_of(COMMON_FIELDS["method"]))).lower()).natural_datasets
+    dataset = values.get("dataset")
+    if not dataset:
+        return real if values.get("data_dir") is not None else built_in
+    dataset = str(dataset).lower()
     if values.get("data_dir") is not None and dataset == "synthetic":
         return "fed_isic2019"
     return dataset

@@ -240,6 +240,8 @@ class Algorithm:
     summary = ""
     Options: type = NoOptions
     default_overrides: dict[str, Any] = {}
+    # The data set a run takes when none is named: (built in, read from --data_dir alone).
+    natural_datasets: tuple[str, str] = ("synthetic", "fed_isic2019")
     personalised = False  # True when each client's own model is the deliverable (local)
     centralized = False  # True when one pooled pseudo-client trains on everything (no deployment)
 

@@ -93,6 +93,8 @@ class LocalModelMethod(Algorithm):
     personalised = True
     # The MH-pFLID seed's batch size; its reproduction resizes and trains without augmentation.
     default_overrides = {"batch_size": 8, "augment": False}
+    # Clients at different resolutions with different architectures: BreakHis's setting.
+    natural_datasets = ("synthetic_multires", "breakhis")
     default_grad_clip: float  # each method's reference clip; --grad_clip overrides it
 
     @classmethod
