@@ -36,6 +36,10 @@ VARIANTS = {
     "no-colour": {"jitter_p": 0.0, "grayscale_p": 0.0},
     "crop-50": {"crop_min": 0.5},
     "no-colour, crop-50": {"jitter_p": 0.0, "grayscale_p": 0.0, "crop_min": 0.5},
+    # A queue of 4 batches instead of half the images: with 3072 images a queue of 1536 keys holds a
+    # stale key of about every second image of the current batch, as a negative.
+    "queue-256": {"queue_size": 256},
+    "no-colour, crop-50, queue-256": {"jitter_p": 0.0, "grayscale_p": 0.0, "crop_min": 0.5, "queue_size": 256},
 }
 
 

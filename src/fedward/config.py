@@ -50,7 +50,8 @@ DEAD_REFERENCE_FLAGS: dict[str, str] = {
     "save_free_losses": "fedward logs the class-wise divergences in metrics.jsonl instead",
     "save_client": "it crashes in the reference code; per-client models are saved in the run directory",
     "update_clients": "clients always load the global model (the reference default)",
-    "client_sample": "fedward runs every client every round (the reference default, 1.0)",
+    "client_sample": "use --clients_per_round (the reference's client sampling crashes when a client first takes "
+                     "part after round 0: it has no saved optimizer state)",
 }
 
 
@@ -94,6 +95,11 @@ class RunConfig:
                                    choices=PARTITION_METHODS, lower=True)
     partition_alpha: float = option(0.5, "Dirichlet concentration for hetero", reference=True)
     classes_per_client: int = option(2, "classes per client for pathological", check=at_least(1))
+    # -- participation
+    clients_per_round: float = option(0, "clients that train each round, drawn per round from (seed, round): a count "
+                                         "K >= 1, a fraction in (0, 1) of the clients (rounded, at least 1), or 0 for "
+                                         "every client (Flower's fraction_train, PFLlib's join_ratio)",
+                                      check=NON_NEGATIVE)
     # -- evaluation
     validate_client: bool = option(False, "also evaluate each client's local model on its own splits every round")
     eval_every: int = option(1, "evaluate every N rounds (the last round always); 0: only the last", check=NON_NEGATIVE)
@@ -277,6 +283,10 @@ def build_config(values: dict[str, Any]) -> RunConfig:
                     method_options=build_options(algorithm.Options, method_values),
                     data_options=build_options(entry.Options, data_values))
     _validate_common(cfg, entry)
+    if cfg.clients_per_round and not algorithm.partial_participation:
+        raise ConfigError(f"--clients_per_round does not apply to --method {method}: "
+                          + ("it picks its own clients" if method in ("cyclic", "centralized") else
+                             "each round needs every client" if method != "local" else "its clients never communicate"))
     algorithm.check_config(cfg)
     return cfg
 
@@ -292,6 +302,8 @@ def _validate_common(cfg: RunConfig, entry) -> None:
         raise ConfigError(f"--loss_fn_name '{cfg.loss_fn_name}' is unknown; expected one of: {', '.join(_loss_names())}")
     if cfg.partition_method in ("hetero", "dirichlet"):
         _require(cfg.partition_alpha > 0, f"--partition_alpha must be > 0 for a Dirichlet split, got {cfg.partition_alpha}")
+    _require(cfg.clients_per_round < 1 or float(cfg.clients_per_round).is_integer(),
+             f"--clients_per_round {cfg.clients_per_round}: a count must be a whole number (or give a fraction in (0, 1))")
     _require(cfg.thread_number == 1 or cfg.gpu is not None,
              f"--thread_number {cfg.thread_number} sets the number of GPU workers with --gpu; on a CPU give "
              "--devices cpu,cpu for two workers")

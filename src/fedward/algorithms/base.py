@@ -152,6 +152,16 @@ class GlobalTraining(LocalTraining):
                                      "al. 2022); 0: off", check=NON_NEGATIVE)
 
 
+def participants(clients_per_round: float, num_clients: int) -> int:
+    """How many of ``num_clients`` train in a round: all for 0, K for a count, round(f N) (at least
+    1) for a fraction f."""
+    if clients_per_round == 0:
+        return num_clients
+    if clients_per_round < 1:
+        return max(1, round(clients_per_round * num_clients))
+    return min(int(clients_per_round), num_clients)
+
+
 def fine_tunes(cfg: "RunConfig") -> bool:
     """Whether the run evaluates its final global model fine-tuned at each client (+FT)."""
     return cfg.has("finetune_epochs") and cfg.finetune_epochs > 0
@@ -242,6 +252,9 @@ class Algorithm:
     default_overrides: dict[str, Any] = {}
     # The data set a run takes when none is named: (built in, read from --data_dir alone).
     natural_datasets: tuple[str, str] = ("synthetic", "fed_isic2019")
+    # False where a round needs every client (KT-pFL's coefficients mix them all) or the method picks
+    # its own (cyclic, centralized's one pseudo-client, local's lone training).
+    partial_participation = True
     personalised = False  # True when each client's own model is the deliverable (local)
     centralized = False  # True when one pooled pseudo-client trains on everything (no deployment)
 
@@ -285,6 +298,8 @@ class Algorithm:
         """Checks that need the data's facts, run before the run directory is written (a missing
         weights file fails here, not in round 1). ``cfg`` may be completed (e.g. a resolved file)."""
         client_architectures(cfg, num_clients, cls.default_client_models(cfg))
+        if cfg.clients_per_round >= 1 and cfg.clients_per_round > num_clients:
+            raise ConfigError(f"--clients_per_round {cfg.clients_per_round:g}: the federation has {num_clients} clients")
 
     @classmethod
     def initial_state(cls, cfg: "RunConfig", build: Callable[[], nn.Module]) -> tuple[Arrays, list[str]]:
@@ -352,8 +367,13 @@ class Algorithm:
         return {}
 
     def select_clients(self, round_index: int, client_ids: list[int], server_state: dict[str, Any]) -> list[int]:
-        """The clients that train this round (default: all)."""
-        return list(client_ids)
+        """The clients that train this round: all, or ``--clients_per_round`` of them drawn from
+        (seed, round), so every engine and a resumed run pick the same ones."""
+        count = participants(self.cfg.clients_per_round, len(client_ids))
+        if count >= len(client_ids):
+            return list(client_ids)
+        order = torch.randperm(len(client_ids), generator=torch_generator(self.cfg.seed, "participation", round_index))
+        return sorted(client_ids[i] for i in order[:count].tolist())
 
     def server_message(self, round_index: int, global_state: Arrays, server_state: dict[str, Any]) -> ServerMessage:
         return ServerMessage(round=round_index, arrays=global_state, config={"total-rounds": self.cfg.comm_round})

@@ -15,6 +15,7 @@ class Centralized(FedAvg):
     summary = "pooled training on every client's data (the upper bound; no deployment)"
     Options = LocalTraining
     centralized = True
+    partial_participation = False
 
     def aggregate(self, round_index, global_state, replies, server_state):
         (reply,) = replies

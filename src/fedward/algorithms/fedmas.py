@@ -176,6 +176,7 @@ class FedMAS(FedAvg):
         self-supervised prior if needed, and the run records the file."""
         from fedward.priors import client_prior_names, load_prior, resolve_auto
 
+        super().prepare_run(cfg, spec, num_clients)
         if cfg.pre_trained_models == "auto":
             load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size, progress=cfg.progress)
             cfg.prior_path = resolve_auto(spec.image_size, cfg.prior_path)

@@ -107,6 +107,7 @@ class KTpFLOptions(PublicKDOptions):
 class KTpFL(PublicKDMethod):
     name = "ktpfl"
     summary = "KT-pFL (Zhang et al. 2021): personalised soft targets on public data mixed by learnt coefficients"
+    partial_participation = False
     Options = KTpFLOptions
     reply_key = "public-soft-predictions"
 

@@ -30,6 +30,7 @@ class Local(FedAvg):
     summary = "every hospital alone (the lower bound); its models are the deliverable"
     Options = LocalOptions
     personalised = True
+    partial_participation = False
 
     @classmethod
     def check_config(cls, cfg) -> None:
