@@ -9,7 +9,7 @@ import torch
 
 from fedward.config import build_config
 from fedward.engine.setup import initial_global_state, load_data
-from fedward.engine.simulation import ClientTask, Simulation, run
+from fedward.engine.simulation import ClientTask, Simulation, prepare, run
 from fedward.tracking import RunDirectory
 
 TIMING_KEYS = {"seconds"}
@@ -175,3 +175,12 @@ def test_worker_pool_matches_sequential(tmp_path, tiny_values):
     torch.set_num_threads(2)
     _, pool, _ = _run(tmp_path, "pool", {**tiny_values, "devices": ["cpu", "cpu"], "threads": 1})
     assert _rows(seq) == _rows(pool)
+
+
+def test_keep_checkpoint_false_removes_the_finished_runs_checkpoint(tiny_values, tmp_path):
+    for keep in (True, False):
+        cfg = build_config({**tiny_values, "comm_round": 1, "keep_checkpoint": keep, "output": str(tmp_path / str(keep))})
+        run_dir, data = prepare(cfg)
+        run(cfg, run_dir, data=data)
+        assert (run_dir.checkpoints_dir / "last.pt").is_file() == keep
+        assert run_dir.final_model_path.is_file() and run_dir.results_path.is_file()

@@ -50,3 +50,4 @@ def test_bad_counts_are_refused(tiny_values, tmp_path):
     cfg = build_config({**tiny_values, "clients_per_round": 7, "output": str(tmp_path / "run")})
     with pytest.raises(ConfigError, match="--clients_per_round 7: the federation has 6 clients"):
         prepare(cfg)
+

@@ -112,6 +112,9 @@ class RunConfig:
     threads: int = option(0, "torch threads per worker (0: cores / workers)", check=NON_NEGATIVE)
     output: str | None = option(None, "run directory")
     checkpoint_every: int = option(1, "checkpoint every N rounds (and the last)", check=at_least(1))
+    keep_checkpoint: bool = option(True, "keep checkpoints/last.pt when the run has finished (false: only the final "
+                                         "model files stay; the checkpoint is what --resume and a personalised "
+                                         "method's shared part, e.g. MH-pFLID's messenger, live in)")
     progress: bool = option(True, "show progress bars")
     plugins: list[str] = option(factory=list, help="Python files (.py) or modules to import first: they register "
                                                    "methods, data sets or models")

@@ -281,6 +281,8 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
     summary = summarize(run_dir.read_rows())
     run_dir.write_results(summary)
     write_report(run_dir)
+    if not cfg.keep_checkpoint:
+        (run_dir.checkpoints_dir / "last.pt").unlink(missing_ok=True)
     return summary
 
 

@@ -22,7 +22,7 @@ SOURCES = {"local": ("client", "local"), "global": ("server", "global"), "finetu
 RECORDED = ("class_names", "client_names", "fedward_version")
 # How a run executes, not what it computes; a finished run is reused whatever they were. (The torch
 # thread count does change a CPU run's last bits: a resumed run keeps its own.)
-EXECUTION = ("threads",)
+EXECUTION = ("threads", "keep_checkpoint")
 
 
 @dataclass(frozen=True)
