@@ -115,7 +115,9 @@ class RunConfig:
     keep_checkpoint: bool = option(True, "keep checkpoints/last.pt when the run has finished (false: only the final "
                                          "model files stay; the checkpoint is what --resume and a personalised "
                                          "method's shared part, e.g. MH-pFLID's messenger, live in)")
-    progress: bool = option(True, "show progress bars")
+    progress: bool = option(True, "show progress bars (on a terminal only; the log lines come whatever stderr is)")
+    quiet: bool = option(False, "log warnings and errors only on stderr (log.txt keeps every line)")
+    verbose: bool = option(False, "also log one line per client and round")
     plugins: list[str] = option(factory=list, help="Python files (.py) or modules to import first: they register "
                                                    "methods, data sets or models")
     # -- the method's and the data set's own options (not settings themselves)

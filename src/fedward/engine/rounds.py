@@ -20,8 +20,12 @@ from fedward.config import RunConfig
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions
 from fedward.engine.replies import reply_problem
+from fedward import logs
 from fedward.errors import FedwardError
 from fedward.tracking import RunDirectory
+
+# The reply metrics a --verbose line shows per client.
+CLIENT_LOG_KEYS = ("num-examples", "train-loss", "steps", "robust-factor")
 
 
 @dataclass
@@ -140,6 +144,9 @@ class RoundLoop:
         global_state, info = algorithm.aggregate(round_index, global_state, replies, server_state)
         for outcome in accepted:
             rows.extend(outcome.rows)
+            metrics = outcome.reply.metrics
+            logs.detail(f"round {round_index}: client {outcome.client_id}: "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in CLIENT_LOG_KEYS))
         if "weights" in info:
             rows.append(aggregation_row(round_index, replies, info))
         if not algorithm.personalised and evaluate_now:
@@ -169,9 +176,7 @@ class RoundLoop:
                 summary = round_summary(rows, seconds)
                 if self.progress:
                     bar.set_postfix(summary)
-                else:
-                    self.log(f"round {round_index}/{cfg.comm_round}: "
-                             + ", ".join(f"{k} {v}" for k, v in summary.items()))
+                self.log(f"round {round_index}/{cfg.comm_round}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
                 if on_round_end is not None:
                     on_round_end(round_index)
         finally:
@@ -181,9 +186,16 @@ class RoundLoop:
 
 
 def round_summary(rows: list[dict[str, Any]], seconds: float) -> dict[str, str]:
+    """The round's line: clients that replied / took part, the mean train loss of the replies, the
+    pooled validation and test balanced accuracy when the round evaluated, seconds."""
     taking_part = [r for r in rows if r.get("scope") == "participation"]
-    out = {"clients": f"{sum(r['status'] == 'ok' for r in taking_part)}/{len(taking_part)}", "s": f"{seconds:.1f}"}
+    out = {"clients": f"{sum(r['status'] == 'ok' for r in taking_part)}/{len(taking_part)}"}
     for row in rows:
-        if (row.get("scope"), row.get("model"), row.get("data"), row.get("split")) == ("server", "global", "pooled", "test"):
-            out["test BA"] = f"{row['balanced_accuracy']:.3f}"
+        if row.get("scope") == "aggregation" and row.get("train_loss"):
+            out["train loss"] = f"{sum(row['train_loss']) / len(row['train_loss']):.4f}"
+    for split in ("val", "test"):
+        for row in rows:
+            if (row.get("scope"), row.get("model"), row.get("data"), row.get("split")) == ("server", "global", "pooled", split):
+                out[f"{split} BA"] = f"{row['balanced_accuracy']:.3f}"
+    out["s"] = f"{seconds:.1f}"
     return out

@@ -5,7 +5,6 @@ so bad input never leaves a half-written run behind."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +22,11 @@ from fedward.errors import ConfigError
 
 
 def notice(message: str) -> None:
-    """A one-line notice for the user (stderr, so tables on stdout stay clean)."""
-    print(f"fedward: {message}", file=sys.stderr, flush=True)
+    """A one-line notice for the user: timestamped, on stderr (tables on stdout stay clean) and in
+    the run's log.txt while a run writes it."""
+    from fedward import logs
+
+    logs.info(message)
 
 
 def resolve_devices(cfg: RunConfig) -> list[str]:

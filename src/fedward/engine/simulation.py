@@ -23,6 +23,7 @@ from fedward.engine.evaluation import Predictions, predict
 from fedward.engine.rounds import Outcome, RoundLoop
 from fedward.engine.setup import (
     configure_threads,
+    cpu_cores,
     initial_global_state,
     load_data,
     model_builder,
@@ -216,7 +217,34 @@ class SimulationClients:
 def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = None, resume: bool = False,
         on_round_end: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train for ``cfg.comm_round`` rounds (continuing from the last checkpoint with ``resume``),
-    log every round to the run directory, and write the final model, results and report."""
+    log every round to the run directory, and write the final model, results and report. Log lines
+    go to stderr and to the run's log.txt."""
+    from fedward import logs
+
+    logs.set_verbosity(quiet=cfg.quiet, verbose=cfg.verbose)
+    with logs.run_log(run_dir.path / "log.txt"):
+        return _run(cfg, run_dir, data=data, resume=resume, on_round_end=on_round_end)
+
+
+def startup_lines(cfg: RunConfig, data: FederatedData, sim: "Simulation", devices: list[str], threads: int,
+                  run_dir: RunDirectory) -> list[str]:
+    """What a run uses, said once at its start: data (and where from), clients and their sizes,
+    classes, method, model, devices and threads, output folder."""
+    where = f" from {cfg.data_dir}" if cfg.data_dir else " (built in)"
+    sizes = ", ".join(f"{c.name} {len(c.train)}/{len(c.val)}/{len(c.test)}" for c in data.clients)
+    algorithm = sim.algorithm
+    model = (",".join(algorithm.client_architecture(c.client_id) for c in data.clients) if algorithm.heterogeneous
+             else algorithm.global_model_name())
+    return [f"data: {cfg.dataset}{where}, {cfg.image_size} px; {len(data.clients)} clients (train/val/test): {sizes}",
+            f"classes ({data.num_classes}): {', '.join(data.class_names)}",
+            f"method: {cfg.method}, model {model}, {cfg.comm_round} rounds, loss {cfg.loss_fn_name}",
+            f"device: {', '.join(devices)}, {threads} torch thread(s) per worker; output: {run_dir.path}"]
+
+
+def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, resume: bool,
+         on_round_end: Callable[[int], None] | None) -> dict[str, Any]:
+    import sys
+
     from fedward.engine.executor import make_executor
 
     devices = resolve_devices(cfg)
@@ -239,10 +267,14 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
         server_state = algorithm.initial_server_state(global_state)
 
     executor = make_executor(cfg, data, devices, sim)
-    if len(devices) == 1:
-        configure_threads(1, cfg.threads)
-    clients = SimulationClients(sim, executor, client_states, cfg.progress)
-    loop = RoundLoop(cfg, algorithm, sim.spec, run_dir, clients, log=notice, progress=cfg.progress)
+    # One device: this process trains, with the cores; several: each pool worker takes its share.
+    threads = (configure_threads(1, cfg.threads) if len(devices) == 1 else
+               cfg.threads or max(1, cpu_cores() // len(devices)))
+    for line in startup_lines(cfg, data, sim, devices, threads, run_dir):
+        notice(line)
+    bars = cfg.progress and sys.stderr.isatty()  # a piped or captured stderr gets the lines only
+    clients = SimulationClients(sim, executor, client_states, bars)
+    loop = RoundLoop(cfg, algorithm, sim.spec, run_dir, clients, log=notice, progress=bars)
     try:
         global_state = loop.run(start_round, global_state, server_state, on_round_end=on_round_end)
     finally:
