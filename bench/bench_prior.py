@@ -6,10 +6,13 @@ images, 32 px, the cached prior's settings otherwise), then, on the frozen backb
 features (L2-normalised, un-augmented images):
 - kNN: leave-one-out 20-NN accuracy on the public split (MoCo's monitor);
 - probe: balanced accuracy on the clients' pooled test split of a logistic regression fitted on
-  the public split's features (labels used for evaluation only; the training never sees them).
+  the public split's features (labels used for evaluation only; the training never sees them);
+- the InfoNCE loss of the first and last epoch and the contrastive accuracy (the share of queries
+  whose own key scores highest), which show whether the training itself went well.
 "before" is the training's own initial weights (the untrained network of the same seed).
 
 Usage: python bench/bench_prior.py [--variants moco-v2 no-colour ...] [--epochs 10] [--out DIR]
+(a variant's checkpoint in DIR is reused, or resumed when its training was interrupted)
 Prints a Markdown table and writes it to DIR/prior.md.
 """
 
@@ -77,21 +80,26 @@ def main() -> None:
     lines = [f"MoCo-v2 ResNet-18 on {len(public)} public images, {args.image_size} px, {base.epochs} epochs; "
              f"features scored on the public split (kNN) and the clients' pooled test split ({len(test)} images, "
              "probe fitted on the public split).", "",
-             "| augmentation | kNN before | kNN after | probe BA before | probe BA after | minutes |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| variant | kNN before | kNN after | probe BA before | probe BA after | InfoNCE, epoch 1 -> last | "
+             "contrastive acc., best / last | minutes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in args.variants:
         settings = replace(base, **VARIANTS[name])
         path = args.out / f"{name.replace(', ', '+')}.pth.tar"
         started = time.perf_counter()
-        if not path.exists():
-            train_moco(public.images, settings, path, progress=False, log=print)
+        done = path.exists() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"] >= settings.epochs
+        if not done:  # a checkpoint is written after every epoch: an interrupted training resumes
+            train_moco(public.images, settings, path, resume=path.exists(), progress=False, log=print)
         minutes = (time.perf_counter() - started) / 60
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model = MocoModel(settings, settings.resolved_queue_size(len(public)))
         model.load_state_dict({k.removeprefix("module."): v for k, v in payload["state_dict"].items()})
         after = scores(model.encoder_q, public, test)
+        history = payload["fedward"]["history"]
         lines.append(f"| {name} | {before['knn']:.3f} | {after['knn']:.3f} | {before['probe']:.3f} | "
-                     f"{after['probe']:.3f} | {minutes:.1f} |")
+                     f"{after['probe']:.3f} | {history[0]['loss']:.2f} -> {history[-1]['loss']:.2f} | "
+                     f"{max(h['contrastive_accuracy'] for h in history):.2f} / {history[-1]['contrastive_accuracy']:.2f} | "
+                     f"{minutes:.1f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     (args.out / "prior.md").write_text(text)
