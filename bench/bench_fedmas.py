@@ -7,6 +7,7 @@ For the same clients, batches and model (the README results setting: ResNet-18, 
   batches), timed alone.
 Target: Fed-MAS(avg) - FedAvg <= the prior's forward on the training batches (the heads are
 small). Also: Fed-MAS(avg) with --cache_prior_features (features computed in the warm-up round),
+Fed-MAS(mas) with --share_prior_forward (the first epoch reuses the pre-pass's prior features),
 and the prior's forward in channels_last vs the default layout, at 32 and 224 px.
 Rounds are timed without the checkpoint (bench_engine measures that). Medians of ``repeats``.
 """
@@ -72,7 +73,9 @@ def _setting(prior_name: str, prior_path: str | None, quick: bool, repeats: int)
                 "fedmas_avg": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg"},
                 "fedmas_avg_cached": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "avg",
                                       "cache_prior_features": True},
-                "fedmas_mas": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "mas"}}
+                "fedmas_mas": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "mas"},
+                "fedmas_mas_shared": {"method": "fedmas", "free_u": 3.0, "aggregate_method": "mas",
+                                      "share_prior_forward": True}}
     runs = {}
     for label, extra in variants.items():
         if extra["method"] == "fedmas":
@@ -109,6 +112,8 @@ def _setting(prior_name: str, prior_path: str | None, quick: bool, repeats: int)
         "fedmas_avg_over_fedavg": round(median["fedmas_avg"] / median["fedavg"], 2),
         "fedmas_mas_over_fedavg": round(median["fedmas_mas"] / median["fedavg"], 2),
         "fedmas_avg_cached_over_fedavg": round(median["fedmas_avg_cached"] / median["fedavg"], 2),
+        # --share_prior_forward: one prior forward per sample instead of two under MAS
+        "fedmas_mas_shared_over_fedmas_mas": round(median["fedmas_mas_shared"] / median["fedmas_mas"], 2),
         "prior_share_of_fedmas_avg": round(median["prior_train_batches"] / median["fedmas_avg"], 2),
         "prior_share_of_fedmas_mas": round(median["prior_all_batches"] / median["fedmas_mas"], 2),
         # <= 1: Fed-MAS adds no more than the prior's own forward (target)
