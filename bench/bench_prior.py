@@ -2,7 +2,7 @@
 for MoCo-v2's augmentation and gentler variants (the ``--pre_trained_models auto`` prior).
 
 For each variant: a ResNet-18 MoCo-v2 training on the built-in data set's public split (3072
-images, 32 px, the cached prior's settings otherwise), then, on the frozen backbone's pooled
+images, 32 px, 10 epochs, MoCo-v2's recipe changed as the variant says), then, on the frozen backbone's pooled
 features (L2-normalised, un-augmented images):
 - kNN: leave-one-out 20-NN accuracy on the public split (MoCo's monitor);
 - probe: balanced accuracy on the clients' pooled test split of a logistic regression fitted on
@@ -31,7 +31,7 @@ from sklearn.metrics import balanced_accuracy_score
 from fedward.config import build_config
 from fedward.data.synthetic import public_split
 from fedward.engine.setup import load_data
-from fedward.selfsup.cached import PUBLIC_IMAGES, PUBLIC_SEED, cached_prior_settings
+from fedward.selfsup.cached import PRIOR_CHANGES, PUBLIC_IMAGES, PUBLIC_SEED, moco_v2_settings
 from fedward.selfsup.moco import MocoModel, embed_images, knn_accuracy, train_moco
 
 VARIANTS = {
@@ -42,7 +42,7 @@ VARIANTS = {
     # A queue of 4 batches instead of half the images: with 3072 images a queue of 1536 keys holds a
     # stale key of about every second image of the current batch, as a negative.
     "queue-256": {"queue_size": 256},
-    "no-colour, crop-50, queue-256": {"jitter_p": 0.0, "grayscale_p": 0.0, "crop_min": 0.5, "queue_size": 256},
+    "no-colour, crop-50, queue-256": PRIOR_CHANGES,  # the cached `auto` prior's settings
 }
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     public = public_split(seed=PUBLIC_SEED, image_size=args.image_size, count=PUBLIC_IMAGES)
     cfg = build_config({"image_size": args.image_size, "data_scale": 0.1, "progress": False})
     test = load_data(cfg).pooled("test")
-    base = cached_prior_settings(args.image_size)
+    base = moco_v2_settings(args.image_size)
     if args.epochs is not None:
         base = replace(base, epochs=args.epochs)
     untrained = MocoModel(base, base.resolved_queue_size(len(public))).encoder_q
