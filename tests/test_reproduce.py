@@ -168,3 +168,58 @@ def test_the_fedmas_table_explains_each_clients_mas_weight(tiny_values, tmp_path
     shares = [n / sum(last["num_examples"]) for n in last["num_examples"]]
     ratios = [float(x) for x in line.split("|")[4].split("/")]
     assert ratios == pytest.approx([w / s for w, s in zip(last["weights"], shares)], abs=0.006)
+
+
+def test_job_processes_exit_when_the_command_is_killed(tiny_values, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "long_table.py"
+    script.write_text(f"""
+from pathlib import Path
+from fedward.reproduce import Row, RunSpec, Table, reproduce
+values = {{**{tiny_values!r}, "comm_round": 500}}
+rows = [Row(f"FedAvg {{k}}", RunSpec(f"fedavg-{{k}}", {{"method": "fedavg", "lr": 0.01 * (k + 1)}}), "global")
+        for k in range(2)]
+table = Table(name="long", title=lambda o: "long", client_names=[], rows=rows, base=lambda o: values)
+if __name__ == "__main__":
+    reproduce(table, out=Path({str(tmp_path / 'out')!r}), seeds=[0], options={{}}, jobs=2, log=print)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            command = (stat.parent / "cmdline").read_bytes() if int(fields[1]) == parent.pid else b""
+            if b"spawn_main" in command:  # the job processes, not multiprocessing's resource tracker
+                found.append(int(stat.parent.name))
+        return found
+
+    def running(pid: int) -> bool:  # an exited orphan may stay a zombie when nothing reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "fedavg-1" / "seed0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)  # both jobs are training
+    jobs = children()
+    assert len(jobs) >= 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in jobs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    alive = [pid for pid in jobs if running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []  # no orphan goes on writing the run directories

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -161,6 +162,20 @@ def _ensure_run_in_worker(values: dict[str, Any]) -> Path:
     return ensure_run(values, lambda line: print(f"fedward: {line}", file=sys.stderr, flush=True))
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A job process's initializer: exit when the ``fedward reproduce`` process that started it is
+    gone (killed, not interrupted), so no orphan goes on writing a run directory a restarted
+    command would resume too. The run it was training resumes from its last checkpoint."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, Any], only: list[str] | None = None,
               jobs: int = 1, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Run (or reuse) every run of the table for every seed, then write the table; returns the files.
@@ -193,7 +208,8 @@ def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, A
     start = time.perf_counter()
     if jobs > 1:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_ensure_run_in_worker, values): (spec, seed) for spec, seed, values in grid}
             for future in as_completed(futures):
                 spec, seed = futures[future]
