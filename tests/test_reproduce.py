@@ -56,6 +56,15 @@ def test_finished_runs_are_reused_and_other_settings_refused(tiny_values, tmp_pa
     monkeypatch.setattr("fedward.engine.simulation.run", lambda *a, **k: reused.append(a))
     reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Local"], log=lambda line: None)
     assert reused == []  # finished: read, not trained again
+    # a run written before a setting existed counts it at its default
+    import yaml
+
+    config_file = tmp_path / "local" / "seed0" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.pop("clients_per_round")
+    config_file.write_text(yaml.safe_dump(config))
+    reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    assert reused == []
     monkeypatch.undo()
     changed = Table(**{**table.__dict__, "base": lambda options: {**tiny_values, "comm_round": 1, "lr": 0.5}})
     with pytest.raises(ConfigError, match="other settings \\(lr\\)"):

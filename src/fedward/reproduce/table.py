@@ -98,7 +98,14 @@ def run_settings(table: Table, spec: RunSpec, seed: int, options: dict[str, Any]
 
 
 def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings that differ; a setting the saved config predates counts at its default."""
+    from fedward.config import build_config
+
     saved = {k: v for k, v in saved.items() if k not in RECORDED}
+    try:
+        saved = build_config(saved).to_dict()
+    except FedwardError:
+        pass  # a config of another fedward: compared as written
     return sorted(k for k in set(saved) | set(wanted) if k not in EXECUTION and saved.get(k) != wanted.get(k))
 
 
@@ -212,6 +219,8 @@ def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, A
                                  initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_ensure_run_in_worker, values): (spec, seed) for spec, seed, values in grid}
             for future in as_completed(futures):
+                if future.exception() is not None:
+                    pool.shutdown(cancel_futures=True)  # stop at the first failure, not after the whole grid
                 spec, seed = futures[future]
                 folders[spec.label, seed] = future.result()
                 done += 1
