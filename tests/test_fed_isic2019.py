@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 
 import numpy as np
@@ -333,3 +334,33 @@ def test_val_carving_depends_on_seed_only(tmp_path):
     assert same(a, b)
     c = load(root, tmp_path, seed=4)
     assert torch.equal(c.class_counts("val"), a.class_counts("val"))
+
+
+@pytest.mark.parametrize("edit, client, prefix, text", [
+    (lambda rows, other: [*rows, rows[0]], 0, "train", "is listed twice in the train split of client 0"),
+    (lambda rows, other: [*rows, [str(len(rows)), other[0][1], other[0][2]]], 2, "train",
+     "is listed for client 1 (HAM_vidir_molemax) and client 2 (HAM_vidir_modern): an image belongs to one hospital"),
+    (lambda rows, other: [*rows, [str(len(rows)), other[0][1], other[0][2]]], 3, "val",
+     "is in both the train and the test split of client 3 (HAM_rosendahl): a leak"),
+])
+def test_an_image_listed_twice_is_named_with_both_rows(tmp_path, edit, client, prefix, text):
+    data_dir = make_fedmas(tmp_path / "fm")
+    source = {2: (1, "train"), 3: (3, "train"), 0: (0, "train")}[client]
+    with open(data_dir / f"{source[1]}_flamby_isic_fl_{source[0]}_1.csv", newline="") as handle:
+        other = list(csv.reader(handle))[1:]
+    target = data_dir / f"{prefix}_flamby_isic_fl_{client}_1.csv"
+    edit_csv(target, lambda header, rows: (header, edit(rows, other)))
+    with pytest.raises(DataError, match=re.escape(text)) as raised:
+        load(data_dir, tmp_path)
+    message = str(raised.value)
+    assert f"{target}, line" in message and "first listed at" in message and "--listing_overlap warn" in message
+    with pytest.warns(RuntimeWarning, match="1 image\\(s\\) listed more than once"):
+        data = load(data_dir, tmp_path, listing_overlap="warn")
+    assert data.info["num_images"] == len(records()) + 1  # kept as listed
+
+
+def test_flamby_rows_listed_twice_are_refused(tmp_path):
+    root = make_flamby(tmp_path / "fl")
+    edit_csv(root / "train_test_split", lambda header, rows: (header, [*rows, rows[0]]))
+    with pytest.raises(DataError, match="train_test_split, line .*: image .* is listed twice"):
+        load(root, tmp_path)

@@ -152,3 +152,30 @@ def test_no_warning_on_clean_tree(tmp_path):
         warnings.simplefilter("error")
         data = load(root, tmp_path)
     assert data.class_counts("test").tolist() == [[1, 0, 1], [1, 1, 0]]
+
+
+def test_links_that_leave_their_split_or_join_two_splits_are_refused(tmp_path):
+    root = make_tree(tmp_path / "data")
+    (root / "alpha" / "train" / "other").rename(tmp_path / "elsewhere")
+    (root / "alpha" / "train" / "other").symlink_to("../../..", target_is_directory=True)  # crawls other trees
+    with pytest.raises(DataError, match="is a link to .*, outside its split folder .*alpha/train"):
+        load(root, tmp_path)
+    (root / "alpha" / "train" / "other").unlink()
+    (root / "alpha" / "train" / "other").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(DataError, match="outside its split folder"):
+        load(root, tmp_path)
+    (root / "alpha" / "train" / "other").unlink()
+    (tmp_path / "elsewhere").rename(root / "alpha" / "train" / "other")
+    # A client's whole train folder linked to its test folder: it would train on its test images.
+    import shutil
+
+    shutil.rmtree(root / "beta" / "train")
+    (root / "beta" / "train").symlink_to("test", target_is_directory=True)
+    with pytest.raises(DataError, match="beta/train and .*beta/test are the same images once links are resolved"):
+        load(root, tmp_path)
+    # A client folder that is a link to a disk elsewhere is fine.
+    (root / "beta" / "train").unlink()
+    make_tree(tmp_path / "disk", {"beta": TREE["beta"]})
+    shutil.rmtree(root / "beta")
+    (root / "beta").symlink_to(tmp_path / "disk" / "beta", target_is_directory=True)
+    assert load(root, tmp_path).clients[1].train.class_counts(3).tolist() == [3, 1, 0]

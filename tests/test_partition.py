@@ -145,3 +145,14 @@ def test_repartition_is_seeded():
     c = repartition(data, 3, "dirichlet", alpha=0.5, seed=5)
     assert [tags(x.train) for x in a.clients] == [tags(x.train) for x in b.clients]
     assert [tags(x.train) for x in a.clients] != [tags(x.train) for x in c.clients]
+
+
+def test_too_many_clients_for_the_data_are_refused_before_training():
+    data = _two_client_data()  # 80 images
+    with pytest.raises(ConfigError, match="--client_number 81 is more than the 80 images"):
+        repartition(data, 81, "iid", seed=0)
+    # 40 clients of 2 images: a client whose two images are of two classes keeps both for training.
+    with pytest.raises(ConfigError, match=r"--client_number 40 \(iid\) leaves client \d+ with 2 train and 0 test "
+                                          r"images: every client needs both; lower --client_number \(80 images in all\)"):
+        repartition(data, 40, "iid", seed=0, test_fraction=0.25)
+    assert all(len(c.test) for c in repartition(data, 8, "iid", seed=0, test_fraction=0.25).clients)

@@ -232,3 +232,34 @@ if __name__ == "__main__":
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert alive == []  # no orphan goes on writing the run directories
+
+
+def test_a_finished_fedmas_run_on_the_auto_prior_is_reused(tiny_values, tmp_path, monkeypatch):
+    # The run records the file ``auto`` stood for; the table compares a request resolved the same way.
+    from fedward import priors
+    import yaml
+
+    from fedward.selfsup import cached
+    from fedward.selfsup.moco import MocoSettings
+
+    monkeypatch.setenv("FEDWARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cached, "cached_prior_settings",
+                        lambda size: MocoSettings(arch="smallcnn", image_size=size, batch_size=16, bn_groups=2, epochs=1,
+                                                  feature_dim=8))
+    monkeypatch.setattr(cached, "PUBLIC_IMAGES", 96)
+    fedmas = RunSpec("fedmas", {"method": "fedmas", "pre_trained_models": "auto", "free_u": 1})
+    table = Table(name="tiny", title=lambda options: "tiny", client_names=[],
+                  base=lambda options: {**tiny_values, "comm_round": 1}, rows=[Row("Fed-MAS", fedmas, "global")])
+    reproduce(table, out=tmp_path / "out", seeds=[0], options={}, log=lambda line: None)
+    recorded = yaml.safe_load((tmp_path / "out" / "fedmas" / "seed0" / "config.yaml").read_text())
+    assert recorded["prior_path"] == str(cached.cached_prior_path(16))
+    reused = []
+    monkeypatch.setattr("fedward.engine.simulation.run", lambda *a, **k: reused.append(a))
+    reproduce(table, out=tmp_path / "out", seeds=[0], options={}, log=lambda line: None)
+    assert reused == []
+    # Once the MoCo-v2 file is there, ``auto`` means another prior: the old run is not that run.
+    from test_selfsup import _small_moco_file
+
+    _small_moco_file(priors.default_prior_dir() / priors.MOCO_FILE)
+    with pytest.raises(ConfigError, match="other settings \\(prior_path\\)"):
+        reproduce(table, out=tmp_path / "out", seeds=[0], options={}, log=lambda line: None)

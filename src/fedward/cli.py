@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any, Sequence
@@ -367,7 +368,10 @@ def command_flower(args: argparse.Namespace) -> int:
         if not cfg.output:
             import time
 
-            cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-flower-{time.strftime('%Y%m%d-%H%M%S')}")
+            from fedward.tracking.rundir import new_run_folder
+
+            cfg.output = str(new_run_folder(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-flower-"
+                                                           f"{time.strftime('%Y%m%d-%H%M%S')}"))
         run_dir = Path(cfg.output).resolve()
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run directory {run_dir} exists and is not empty; choose another --output or --resume it")
@@ -537,6 +541,30 @@ def command_reproduce(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _warnings_as_log_lines():
+    """fedward's own warnings become one timestamped log line each (in log.txt too), without the
+    source path and line a raw Python warning prints; other libraries' warnings are left as they are."""
+    import warnings
+    from pathlib import Path
+
+    from fedward import logs
+
+    package, shown = str(Path(__file__).resolve().parent), warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            logs.warning(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -554,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"run": command_run, "report": command_report, "models": command_models, "methods": command_methods,
                    "prior": command_prior, "data": command_data, "flower": command_flower,
                    "reproduce": command_reproduce}[args.command]
-        return handler(args)
+        with _warnings_as_log_lines():
+            return handler(args)
     except FedwardError as err:
         print(f"fedward: error: {err}", file=sys.stderr)
         return 2

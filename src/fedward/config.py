@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fedward.errors import ConfigError
+from fedward.errors import ConfigError, FedwardError
 from fedward.options import (
     NON_NEGATIVE, POSITIVE, as_dict, at_least, build_options, check_value, coerce, default_of, option, option_fields,
 )
@@ -197,9 +197,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not a text file (byte {err.start} is not UTF-8); "
+                          "expected a YAML file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:  # an empty file would silently start the full default run
+        raise ConfigError(f"config file {path} is empty; expected a mapping of settings (or leave out --config)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k not in INFO_KEYS}
@@ -294,6 +299,16 @@ def build_config(values: dict[str, Any]) -> RunConfig:
                              "each round needs every client" if method != "local" else "its clients never communicate"))
     algorithm.check_config(cfg)
     return cfg
+
+
+def completed_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's settings with every setting it predates at its default (a config of
+    another fedward, which does not build, as written): what a run folder stands for today."""
+    saved = {k: v for k, v in saved.items() if k not in INFO_KEYS}
+    try:
+        return build_config(saved).to_dict()
+    except FedwardError:
+        return saved
 
 
 def _require(condition: bool, message: str) -> None:

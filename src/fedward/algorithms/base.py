@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from fedward.algorithms.privacy import ClientLevelDP
 from fedward.data.types import ClientData, Split
 from fedward.errors import ConfigError
 from fedward.models import get_model, model_options
@@ -144,8 +145,9 @@ class LocalTraining(Epochs):
 
 
 @dataclass
-class GlobalTraining(LocalTraining):
-    """The FedAvg family's local training, plus the "+FT" evaluation of its global model."""
+class GlobalTraining(ClientLevelDP, LocalTraining):
+    """The FedAvg family's local training, the "+FT" evaluation of its global model, and
+    client-level differential privacy (``fedward.algorithms.privacy``)."""
 
     finetune_epochs: int = option(0, "+FT: after the last round each client fine-tunes the final global model for this "
                                      "many epochs on its own train split and is evaluated on its own splits (Collins et "
@@ -294,9 +296,16 @@ class Algorithm:
         return model
 
     @classmethod
+    def resolved_settings(cls, cfg: "RunConfig") -> dict[str, Any]:
+        """Settings whose given value stands for another one the run records in its config.yaml
+        (``--pre_trained_models auto`` records the prior file it resolved to): what
+        :meth:`prepare_run` writes back, so that a finished run can be compared with a request."""
+        return {}
+
+    @classmethod
     def prepare_run(cls, cfg: "RunConfig", spec: TaskSpec, num_clients: int) -> None:
         """Checks that need the data's facts, run before the run directory is written (a missing
-        weights file fails here, not in round 1). ``cfg`` may be completed (e.g. a resolved file)."""
+        weights file fails here, not in round 1). ``cfg`` is completed with :meth:`resolved_settings`."""
         client_architectures(cfg, num_clients, cls.default_client_models(cfg))
         if cfg.clients_per_round >= 1 and cfg.clients_per_round > num_clients:
             raise ConfigError(f"--clients_per_round {cfg.clients_per_round:g}: the federation has {num_clients} clients")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
+from fedward.algorithms.privacy import check_dp_config, clip_update, private_average
 from fedward.algorithms.registry import register_method
 from fedward.algorithms.base import (
     Algorithm,
@@ -87,6 +88,8 @@ class FedAvg(Algorithm):
     summary = "FedAvg (McMahan et al. 2017): the whole state dict, averaged by examples"
     Options = GlobalTraining
     default_grad_clip: float | None = None
+    # Why a method cannot run under --dp_clip (None: it can; see fedward.algorithms.privacy).
+    client_dp_refusal: str | None = None
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def forward_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ForwardFn:
@@ -118,6 +121,8 @@ class FedAvg(Algorithm):
     def check_config(cls, cfg) -> None:
         if cfg.adam and cfg.adamw:
             raise ConfigError("--adam and --adamw: choose one optimizer")
+        if cfg.has("dp_clip"):
+            check_dp_config(cfg, cls.name, cls.client_dp_refusal)
 
     def kept_optimizer(self, params, state: dict[str, Any], key: str, round_index: int) -> torch.optim.Optimizer:
         """The local optimizer at round ``round_index``'s learning rate, with its state from
@@ -156,6 +161,9 @@ class FedAvg(Algorithm):
         self.after_training(ws, state)
         metrics = {"num-examples": float(examples_seen(len(client.train), cfg.batch_size)),
                    "train-loss": mean_loss, "steps": float(steps)}
+        if cfg.has("dp_clip") and cfg.dp_clip is not None:
+            start = self.model_arrays(message)
+            arrays = clip_update(arrays, {k: start[k] for k in arrays}, cfg.dp_clip)
         return ClientReply(client_id=client.client_id, arrays=self.reply_arrays(arrays, message, state, steps),
                            metrics=metrics)
 
@@ -181,6 +189,14 @@ class FedAvg(Algorithm):
     # -- server -------------------------------------------------------------------------------
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
                   server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
-        weights = example_weights([r.metrics["num-examples"] for r in replies])
-        new_state = weighted_average([r.arrays for r in replies], weights)
-        return new_state, {"weights": weights}
+        return self.combine(round_index, replies, example_weights([r.metrics["num-examples"] for r in replies]))
+
+    def combine(self, round_index: int, replies: list[ClientReply], weights: list[float]) -> tuple[Arrays, dict[str, Any]]:
+        """The replies averaged with ``weights``; under --dp_clip, with equal weights and the round's
+        Gaussian noise instead (``fedward.algorithms.privacy``)."""
+        if self.cfg.has("dp_clip") and self.cfg.dp_clip is not None:
+            state, weights = private_average([r.arrays for r in replies], bound=self.cfg.dp_clip,
+                                             noise_multiplier=self.cfg.dp_noise_multiplier, seed=self.cfg.seed,
+                                             round_index=round_index)
+            return state, {"weights": weights}
+        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}

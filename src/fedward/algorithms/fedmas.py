@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from fedward.algorithms.aggregate import example_weights, weighted_average
+from fedward.algorithms.aggregate import example_weights
 from fedward.algorithms.base import (
     Arrays,
     ClientReply,
@@ -142,6 +142,9 @@ class FedMAS(FedAvg):
         if cfg.rf_normalisation != "all" and cfg.aggregate_method == "avg":
             raise ConfigError(f"--rf_normalisation {cfg.rf_normalisation} applies to the MAS aggregations only "
                               "(--aggregate_method is avg)")
+        if cfg.dp_clip is not None and cfg.aggregate_method != "avg":
+            raise ConfigError(f"--dp_clip with --aggregate_method {cfg.aggregate_method}: the MAS weights come from "
+                              "each client's class-wise divergences, sent in the clear; DP covers --aggregate_method avg")
         if cfg.pre_trained_models == "mix" and cfg.prior_path:
             raise ConfigError("--pre_trained_models mix uses two files (moco and IMAGENET1K_V1) from the prior folder "
                               "($FEDWARD_CACHE/priors); drop --prior_path")
@@ -171,15 +174,26 @@ class FedMAS(FedAvg):
         return PriorAlignedModel(model, spec.num_classes, prior_dim(cfg.pre_trained_models, cfg.prior_path, spec.image_size))
 
     @classmethod
+    def resolved_settings(cls, cfg):
+        """``auto`` records the file it stands for now: the MoCo-v2 checkpoint when present, else
+        the self-trained prior (so a resumed run keeps its prior when the other file appears)."""
+        from fedward.priors import resolve_auto
+
+        if cfg.pre_trained_models != "auto":
+            return {}
+        return {"prior_path": resolve_auto(cfg.image_size, cfg.prior_path)}
+
+    @classmethod
     def prepare_run(cls, cfg, spec, num_clients: int) -> None:
         """A missing or mismatched prior file fails here, not in round 1; ``auto`` trains the
         self-supervised prior if needed, and the run records the file."""
-        from fedward.priors import client_prior_names, load_prior, resolve_auto
+        from fedward.priors import client_prior_names, load_prior
 
         super().prepare_run(cfg, spec, num_clients)
         if cfg.pre_trained_models == "auto":
             load_prior("auto", prior_path=cfg.prior_path, image_size=spec.image_size, progress=cfg.progress)
-            cfg.prior_path = resolve_auto(spec.image_size, cfg.prior_path)
+        for key, value in cls.resolved_settings(cfg).items():
+            setattr(cfg, key, value)
         for name in sorted(set(client_prior_names(cfg.pre_trained_models, num_clients, cfg.seed))):
             path = None if cfg.pre_trained_models == "mix" else cfg.prior_path
             load_prior(name, prior_path=path, image_size=spec.image_size)
@@ -362,4 +376,4 @@ class FedMAS(FedAvg):
             weights = mas_weights(factors)
         else:
             weights = mas_drw_weights(factors, counts, round_index=round_index - 1, total_rounds=self.cfg.comm_round)
-        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
+        return self.combine(round_index, replies, weights)

@@ -30,7 +30,7 @@ import torch
 
 from fedward.data.imagecache import decode_splits
 from fedward.data.partition import carve_validation
-from fedward.data.types import ClientData, FederatedData, Split
+from fedward.data.types import ClientData, FederatedData
 from fedward.errors import ConfigError, DataError
 from fedward.seeding import numpy_generator
 from fedward.data.registry import ImageFiles, register_dataset
@@ -136,9 +136,42 @@ def _image_file(folder: Path, name: str, path: Path, line: int, column: str) -> 
 
 
 Listing = dict[tuple[int, str], list[tuple[Path, int]]]  # (client, "train"/"test") -> [(image file, label)]
+OVERLAP_CHOICES = ("error", "warn")
 
 
-def read_flamby(data_dir: Path, split_csv: Path) -> tuple[Listing, list[str]]:
+class ListingOverlap:
+    """Finds an image listed twice: in one split, for two clients, or in a client's train and test
+    splits (a test image the model trains on). ``error`` stops at the first; ``warn`` keeps the rows
+    as listed and warns once with the count."""
+
+    def __init__(self, mode: str = "error"):
+        self.mode, self.first, self.found = mode, {}, []
+
+    def add(self, image: Path, centre: int, split: str, where: str) -> None:
+        key = image.name.lower()
+        if key not in self.first:
+            self.first[key] = (centre, split, where)
+            return
+        first_centre, first_split, first_where = self.first[key]
+        if first_centre != centre:
+            what = (f"is listed for client {first_centre} ({CLIENT_NAMES[first_centre]}) and client {centre} "
+                    f"({CLIENT_NAMES[centre]}): an image belongs to one hospital")
+        elif first_split != split:
+            what = f"is in both the train and the test split of client {centre} ({CLIENT_NAMES[centre]}): a leak"
+        else:
+            what = f"is listed twice in the {split} split of client {centre} ({CLIENT_NAMES[centre]})"
+        message = f"{where}: image {image.name} {what} (first listed at {first_where})"
+        if self.mode == "error":
+            raise DataError(f"{message}; fix the split files or pass --listing_overlap warn")
+        self.found.append(message)
+
+    def warn(self) -> None:
+        if self.found:
+            warnings.warn(f"{NAME}: {len(self.found)} image(s) listed more than once, kept as listed "
+                          f"(--listing_overlap warn); first: {self.found[0]}", RuntimeWarning, stacklevel=3)
+
+
+def read_flamby(data_dir: Path, split_csv: Path, overlap: ListingOverlap) -> tuple[Listing, list[str]]:
     """FLamby's ``train_test_split``: the ``fold`` column gives the official train/test split."""
     listing: Listing = {(k, s): [] for k in range(NUM_CLIENTS) for s in SPLITS}
     folder = data_dir / FLAMBY_IMAGE_DIR
@@ -148,11 +181,13 @@ def read_flamby(data_dir: Path, split_csv: Path) -> tuple[Listing, list[str]]:
         split = row["fold"].lower()
         if split not in SPLITS:
             raise DataError(f"{_where(split_csv, line, 'fold')}: unknown fold {row['fold']!r}; expected 'train' or 'test'")
-        listing[centre, split].append((_image_file(folder, row["image"], split_csv, line, "image"), label))
+        image = _image_file(folder, row["image"], split_csv, line, "image")
+        overlap.add(image, centre, split, f"{split_csv}, line {line}")
+        listing[centre, split].append((image, label))
     return listing, [str(split_csv)]
 
 
-def read_fedmas(data_dir: Path, fold: int) -> tuple[Listing, list[str]]:
+def read_fedmas(data_dir: Path, fold: int, overlap: ListingOverlap) -> tuple[Listing, list[str]]:
     """Fed-MAS's per-client CSVs. Its ``train_..`` file becomes fedward's train split (val is carved
     from it); its ``val_..`` file is FLamby's test split, so it becomes fedward's test split."""
     listing: Listing = {}
@@ -161,11 +196,11 @@ def read_fedmas(data_dir: Path, fold: int) -> tuple[Listing, list[str]]:
     for centre in range(NUM_CLIENTS):
         for split in SPLITS:
             path = fedmas_csv(data_dir, split, centre, fold)
-            rows = read_csv(path, FEDMAS_COLUMNS, f"Fed-MAS split file (fold {fold})")
-            listing[centre, split] = [
-                (_image_file(folder, row["image_name"], path, line, "image_name"), parse_label(row["dx"], path, line, "dx"))
-                for line, row in rows
-            ]
+            listing[centre, split] = []
+            for line, row in read_csv(path, FEDMAS_COLUMNS, f"Fed-MAS split file (fold {fold})"):
+                image = _image_file(folder, row["image_name"], path, line, "image_name")
+                overlap.add(image, centre, split, f"{path}, line {line}")
+                listing[centre, split].append((image, parse_label(row["dx"], path, line, "dx")))
             files.append(str(path))
     return listing, files
 
@@ -195,13 +230,15 @@ def load(
     fold: int = 1,
     cache_dir: str | Path | None = None,
     skip_bad_images: bool = False,
+    listing_overlap: str = "error",
     progress: bool = True,
 ) -> FederatedData:
     """Load Fed-ISIC2019 from ``data_dir`` in the ``flamby`` or ``fedmas`` layout (``auto``: detect).
 
     ``fold`` picks the Fed-MAS CSV files (only fold 1, FLamby's split, exists). Images that cannot
     be read raise ``DataError`` unless ``skip_bad_images`` (then they are left out and listed in
-    ``info``).
+    ``info``). An image listed twice (in a split, for two clients, in train and test) is an error
+    unless ``listing_overlap`` is ``warn``.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown Fed-ISIC2019 layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -209,6 +246,9 @@ def load(
         raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if listing_overlap not in OVERLAP_CHOICES:
+        raise ConfigError(f"listing_overlap must be one of {', '.join(OVERLAP_CHOICES)}, got {listing_overlap!r}")
+    overlap = ListingOverlap(listing_overlap)
     data_dir = Path(data_dir).expanduser()
     split_path = Path(split_csv).expanduser() if split_csv is not None else None
     if layout == "auto":
@@ -216,11 +256,12 @@ def load(
     if layout == "flamby":
         if fold != 1:
             raise ConfigError(f"the flamby layout has one official split (fold 1), got fold={fold}")
-        listing, split_files = read_flamby(data_dir, split_path or data_dir / FLAMBY_SPLIT_FILE)
+        listing, split_files = read_flamby(data_dir, split_path or data_dir / FLAMBY_SPLIT_FILE, overlap)
     else:
         if split_path is not None:
             raise ConfigError("split_csv is only for the flamby layout; the fedmas layout reads its per-client CSVs from data_dir")
-        listing, split_files = read_fedmas(data_dir, fold)
+        listing, split_files = read_fedmas(data_dir, fold, overlap)
+    overlap.warn()
     _check_clients(listing, ", ".join(split_files) if len(split_files) == 1 else str(data_dir))
 
     # One cache for the whole data set, ordered client by client, train then test: every split is
@@ -266,10 +307,13 @@ def load(
 @dataclass
 class Options(ImageFiles):
     fold: int = option(1, "data fold (the reference ships fold 1 only)", check=(lambda v: v >= 1, "at least 1"))
+    listing_overlap: str = option("error", "an image the split files list twice, for two clients or in train and "
+                                           "test: error, or warn and keep the rows as listed", choices=OVERLAP_CHOICES)
 
 
 @register_dataset(NAME, options=Options, needs_data_dir=True)
 def from_config(cfg) -> FederatedData:
     """Fed-ISIC2019 from --data_dir, FLamby or Fed-MAS layout"""
     return load(data_dir=cfg.data_dir, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.data_seed,
-                fold=cfg.fold, skip_bad_images=cfg.skip_bad_images, progress=cfg.progress)
+                fold=cfg.fold, skip_bad_images=cfg.skip_bad_images, listing_overlap=cfg.listing_overlap,
+                progress=cfg.progress)

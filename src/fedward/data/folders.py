@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fedward.data.imagecache import DICOM_SUFFIXES, decode_splits
 from fedward.data.partition import carve_validation
-from fedward.data.types import ClientData, FederatedData, Split
+from fedward.data.types import ClientData, FederatedData
 from fedward.errors import ConfigError, DataError
 from fedward.seeding import numpy_generator
 from fedward.data.registry import ImageFiles, register_dataset
@@ -98,10 +98,33 @@ def scan(data_dir: Path) -> tuple[list[str], list[str], Listing, list[Path]]:
             for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and _visible(p)):
                 files = sorted(p for p in class_dir.rglob("*") if _is_image(p) and not any(
                     part.startswith(".") for part in p.relative_to(class_dir).parts))  # fmt: skip
+                _check_inside(files, split_dir)
                 items.extend((path, class_dir.name) for path in files)
                 classes.add(class_dir.name)
             listing[client, split] = items
+    _check_split_folders_apart([data_dir / client / split for client, split in listing])
     return clients, sorted(classes), listing, misplaced
+
+
+def _check_inside(files: list[Path], split_dir: Path) -> None:
+    """Links below a split folder stay inside it: a class folder linked to ``../../..`` would crawl
+    other trees, one linked to ``../test`` would train on the test images."""
+    real = split_dir.resolve()
+    for path in files:
+        target = path.resolve()
+        if not target.is_relative_to(real):
+            raise DataError(f"{path} is a link to {target}, outside its split folder {split_dir}; "
+                            "links below a split folder must stay inside it (copy the images instead)")
+
+
+def _check_split_folders_apart(split_dirs: list[Path]) -> None:
+    """No two split folders are one folder, or one inside the other, once links are resolved (a
+    client's train linked to its test, two clients linked to one hospital's images)."""
+    real = sorted((d.resolve(), d) for d in split_dirs)
+    for (first_real, first), (second_real, second) in zip(real, real[1:]):
+        if second_real.is_relative_to(first_real):
+            raise DataError(f"{second} and {first} are the same images once links are resolved ({second_real}); "
+                            "every split folder must hold its own images")
 
 
 def load(

@@ -76,6 +76,9 @@ def partition_indices(
         raise ConfigError(f"labels must be a 1-d array, got shape {labels.shape}")
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
+    if num_clients > len(labels):
+        raise ConfigError(f"--client_number {num_clients} is more than the {len(labels)} images to share; "
+                          "lower --client_number")
     method_key = method.lower()
     if method_key not in PARTITION_METHODS:
         raise ConfigError(f"unknown partition method {method!r}; expected one of {', '.join(PARTITION_METHODS)}")
@@ -178,6 +181,11 @@ def repartition(
         train, test = stratified_split(share, test_fraction, numpy_generator(seed, "repartition-test", client_id))
         train, val = carve_validation(train, val_fraction, numpy_generator(seed, "repartition-val", client_id))
         clients.append(ClientData(client_id, f"client_{client_id}", train, val, test))
+    smallest = min(clients, key=lambda c: (min(len(c.train), len(c.test)), c.client_id))
+    if not (len(smallest.train) and len(smallest.test)):
+        raise ConfigError(f"--client_number {num_clients} ({method}) leaves client {smallest.client_id} with "
+                          f"{len(smallest.train)} train and {len(smallest.test)} test images: every client needs "
+                          f"both; lower --client_number ({len(pooled)} images in all)")
     info = dict(data.info)
     info["repartition"] = {
         "num_clients": num_clients,

@@ -17,20 +17,59 @@ from fedward.tracking.rundir import atomic_torch_save
 
 FORMAT_VERSION = 1
 
+# What a resumed run may change: how it reports progress, whether it keeps its checkpoint, and its
+# folder (a run directory may be moved). comm_round may grow (a longer run), never shrink.
+RESUME_MAY_CHANGE = ("output", "progress", "quiet", "verbose", "keep_checkpoint")
+
 
 def path_of(run_dir: RunDirectory):
     return run_dir.checkpoints_dir / "last.pt"
 
 
-def save(run_dir: RunDirectory, *, round: int, global_state, client_states, server_state, num_classes: int) -> None:
-    """Write the checkpoint atomically (a crash mid-write leaves the previous one intact)."""
+def save(run_dir: RunDirectory, *, round: int, global_state, client_states, server_state, num_classes: int,
+         settings: dict[str, Any]) -> None:
+    """Write the checkpoint atomically (a crash mid-write leaves the previous one intact), with the
+    settings it was trained under (a resume under other settings is refused)."""
     run_dir.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, "round": round, "global_state": global_state,
-               "client_states": client_states, "server_state": server_state, "num_classes": num_classes}
+               "client_states": client_states, "server_state": server_state, "num_classes": num_classes,
+               "settings": settings}
     atomic_torch_save(payload, path_of(run_dir))
 
 
-def load(run_dir: RunDirectory, *, expected_num_classes: int) -> dict[str, Any]:
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for every setting a resume may not change; a setting the checkpoint
+    predates counts at its default."""
+    from fedward.config import completed_settings
+
+    saved = completed_settings(saved)
+    keys = sorted(set(saved) | set(now))
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
+            if k not in RESUME_MAY_CHANGE and k != "comm_round" and saved.get(k) != now.get(k)]
+
+
+def check_resume(path, payload: dict[str, Any], settings: dict[str, Any]) -> None:
+    """A resume continues the run its checkpoint holds, or stops naming what differs."""
+    saved = payload.get("settings")
+    if saved is None:  # a checkpoint from before settings were saved: nothing to compare
+        return
+    changed = changed_settings(saved, settings)
+    if changed:
+        raise CheckpointError(f"the run's settings differ from those its checkpoint {path} was trained with: "
+                              f"{'; '.join(changed)}; restore them in config.yaml or start a new run")
+    if settings["comm_round"] < payload["round"]:
+        raise CheckpointError(f"comm_round {settings['comm_round']} is below round {payload['round']} that the "
+                              f"checkpoint {path} has reached")
+    if settings["comm_round"] != saved["comm_round"]:
+        from fedward.logs import info
+
+        info(f"comm_round changed from {saved['comm_round']} to {settings['comm_round']}: the run continues "
+             f"to round {settings['comm_round']}")
+
+
+def load(run_dir: RunDirectory, *, expected_num_classes: int, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint of ``run_dir``; with ``settings`` (the resumed run's), checked against the
+    settings it was trained with."""
     path = path_of(run_dir)
     if not path.is_file():
         raise CheckpointError(f"{run_dir.path} has no checkpoint ({path} is missing): nothing to resume; start a new run")
@@ -43,6 +82,8 @@ def load(run_dir: RunDirectory, *, expected_num_classes: int) -> dict[str, Any]:
     if payload["num_classes"] != expected_num_classes:
         raise CheckpointError(f"checkpoint {path} was trained for {payload['num_classes']} classes but the data "
                               f"has {expected_num_classes}")
+    if settings is not None:
+        check_resume(path, payload, settings)
     return payload
 
 

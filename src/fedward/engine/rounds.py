@@ -172,7 +172,7 @@ class RoundLoop:
                 if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
                     saver.submit(self.run_dir, round=round_index, global_state=global_state,
                                  client_states=list(self.clients.client_states()), server_state=dict(server_state),
-                                 num_classes=self.spec.num_classes)
+                                 num_classes=self.spec.num_classes, settings=cfg.to_dict())
                 summary = round_summary(rows, seconds)
                 if self.progress:
                     bar.set_postfix(summary)

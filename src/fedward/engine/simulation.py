@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
+from fedward.algorithms.privacy import describe, privacy_summary
 from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
@@ -34,6 +35,7 @@ from fedward.engine.setup import (
 )
 from fedward.seeding import seed_globals, torch_generator
 from fedward.tracking import RunDirectory
+from fedward.tracking.rundir import new_run_folder
 from fedward.tracking.report import format_summary_table, summarize, write_report
 
 
@@ -177,11 +179,24 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
     initial_global_state(cfg, model_builder(cfg, spec))
     if not cfg.output:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg.output = str(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}")
+        cfg.output = str(new_run_folder(Path("runs") / f"{cfg.method}-{cfg.loss_fn_name}-seed{cfg.seed}-{stamp}"))
     run_dir = RunDirectory.create(Path(cfg.output), overwrite=overwrite)
     run_dir.write_config({**cfg.to_dict(), "class_names": spec.class_names,
                           "client_names": [c.name for c in data.clients], "fedward_version": __version__})
+    run_dir.write_data(data_facts(cfg, data))
     return run_dir, data
+
+
+def data_facts(cfg: RunConfig, data: FederatedData) -> dict[str, Any]:
+    """What data.json records: the data set and where from, each client's class counts per split
+    (the imbalance the run trained on) and the images left out as unreadable."""
+    splits = ("train", "val", "test")
+    return {"dataset": data.name, "data_dir": cfg.data_dir, "image_size": data.image_size,
+            "class_names": list(data.class_names),
+            "clients": [{"name": c.name, **{s: getattr(c, s).class_counts(data.num_classes).tolist() for s in splits}}
+                        for c in data.clients],
+            "skipped_bad_images": int(data.info.get("skipped_bad_images", 0)),
+            "bad_images": [str(b) for b in data.info.get("bad_images", [])]}
 
 
 class SimulationClients:
@@ -222,7 +237,7 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
     from fedward import logs
 
     logs.set_verbosity(quiet=cfg.quiet, verbose=cfg.verbose)
-    with logs.run_log(run_dir.path / "log.txt"):
+    with run_dir.writing(), logs.run_log(run_dir.path / "log.txt"):
         return _run(cfg, run_dir, data=data, resume=resume, on_round_end=on_round_end)
 
 
@@ -238,7 +253,8 @@ def startup_lines(cfg: RunConfig, data: FederatedData, sim: "Simulation", device
     return [f"data: {cfg.dataset}{where}, {cfg.image_size} px; {len(data.clients)} clients (train/val/test): {sizes}",
             f"classes ({data.num_classes}): {', '.join(data.class_names)}",
             f"method: {cfg.method}, model {model}, {cfg.comm_round} rounds, loss {cfg.loss_fn_name}",
-            f"device: {', '.join(devices)}, {threads} torch thread(s) per worker; output: {run_dir.path}"]
+            f"device: {', '.join(devices)}, {threads} torch thread(s) per worker; output: {run_dir.path}",
+            *([describe(p)] if (p := privacy_summary(cfg.to_dict(), len(data.clients))) else [])]
 
 
 def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, resume: bool,
@@ -254,7 +270,7 @@ def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, r
     n_clients = len(sim.training_clients)
 
     if resume:
-        saved = ckpt.load(run_dir, expected_num_classes=sim.spec.num_classes)
+        saved = ckpt.load(run_dir, expected_num_classes=sim.spec.num_classes, settings=cfg.to_dict())
         start_round, global_state = saved["round"], saved["global_state"]
         client_states, server_state = saved["client_states"], saved["server_state"]
         run_dir.truncate_rounds_after(start_round)
@@ -311,6 +327,9 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
     else:
         torch.save({**model_meta(cfg, sim.spec, sim.algorithm.global_model_name()), "state_dict": global_state}, run_dir.final_model_path)
     summary = summarize(run_dir.read_rows())
+    privacy = privacy_summary(cfg.to_dict(), len(sim.spec.train_class_counts))
+    if privacy is not None:
+        summary["privacy"] = privacy
     run_dir.write_results(summary)
     write_report(run_dir)
     if not cfg.keep_checkpoint:

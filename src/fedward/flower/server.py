@@ -17,6 +17,7 @@ task facts) for resuming.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -226,13 +227,14 @@ class Coordinator:
         return self.settings.min_clients or self.num_clients
 
     # -- the run ----------------------------------------------------------------------------
-    def open_run(self) -> tuple[int, Arrays, dict[str, Any]]:
-        """Handshake, task facts, method, run directory; the round to start after, the global model
-        and the server state."""
+    def open_run(self, lock: contextlib.ExitStack) -> tuple[int, Arrays, dict[str, Any]]:
+        """Handshake, task facts, method, run directory (its lock held in ``lock``); the round to
+        start after, the global model and the server state."""
         cfg, path = self.cfg, Path(self.settings.run_dir)
         saved: dict[str, Any] | None = None
         if self.settings.resume:
             self.run_dir = RunDirectory.open_existing(path)
+            lock.enter_context(self.run_dir.writing())
             saved = json.loads((path / FLOWER_FILE).read_text())
             self.num_clients = saved["num_clients"]
             self.reference_facts = saved["reference_facts"]
@@ -252,7 +254,7 @@ class Coordinator:
         self.algorithm = get_algorithm(cfg.method)(cfg, self.spec, build)
         if saved is not None:
             self.run_key = saved["run_key"]
-            checkpoint = ckpt.load(self.run_dir, expected_num_classes=self.spec.num_classes)
+            checkpoint = ckpt.load(self.run_dir, expected_num_classes=self.spec.num_classes, settings=cfg.to_dict())
             self.run_dir.truncate_rounds_after(checkpoint["round"])
             self.log(f"resuming {path} after round {checkpoint['round']} of {cfg.comm_round}")
             return checkpoint["round"], checkpoint["global_state"], checkpoint["server_state"]
@@ -262,6 +264,7 @@ class Coordinator:
         from fedward import __version__
 
         self.run_dir = RunDirectory.create(path)
+        lock.enter_context(self.run_dir.writing())
         self.run_key = f"{path.name}-{secrets.token_hex(4)}"
         names = [self.clients()[k].facts["client-name"] for k in range(self.num_clients)]
         self.run_dir.write_config({**cfg.to_dict(), "output": str(path), "class_names": self.spec.class_names,
@@ -345,8 +348,9 @@ class Coordinator:
         return self.evaluate(round_index, global_state, finetune=True)
 
     def run(self) -> dict[str, Any]:
-        start_round, global_state, server_state = self.open_run()
-        loop = RoundLoop(self.cfg, self.algorithm, self.spec, self.run_dir, self, log=self.log, progress=False)
-        global_state = loop.run(start_round, global_state, server_state)
-        # Personalised models stay on their nodes (<state-dir>/<run-key>/client-<k>/final_model.pt).
-        return finish(self.cfg, self.run_dir, self, global_state, None)
+        with contextlib.ExitStack() as lock:
+            start_round, global_state, server_state = self.open_run(lock)
+            loop = RoundLoop(self.cfg, self.algorithm, self.spec, self.run_dir, self, log=self.log, progress=False)
+            global_state = loop.run(start_round, global_state, server_state)
+            # Personalised models stay on their nodes (<state-dir>/<run-key>/client-<k>/final_model.pt).
+            return finish(self.cfg, self.run_dir, self, global_state, None)

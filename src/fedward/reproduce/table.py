@@ -19,8 +19,6 @@ from fedward.metrics import mean_and_std, mean_interval
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 # What a row reads from its run's final-round rows: (scope, model) of the per-client test rows.
 SOURCES = {"local": ("client", "local"), "global": ("server", "global"), "finetuned": ("server", "finetuned")}
-# Keys config.yaml holds besides the settings (written by prepare), ignored when a folder is reused.
-RECORDED = ("class_names", "client_names", "fedward_version")
 # How a run executes, not what it computes; a finished run is reused whatever they were. (The torch
 # thread count does change a CPU run's last bits: a resumed run keeps its own.)
 EXECUTION = ("threads", "keep_checkpoint")
@@ -99,25 +97,22 @@ def run_settings(table: Table, spec: RunSpec, seed: int, options: dict[str, Any]
 
 def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """The settings that differ; a setting the saved config predates counts at its default."""
-    from fedward.config import build_config
+    from fedward.config import completed_settings
 
-    saved = {k: v for k, v in saved.items() if k not in RECORDED}
-    try:
-        saved = build_config(saved).to_dict()
-    except FedwardError:
-        pass  # a config of another fedward: compared as written
+    saved = completed_settings(saved)
     return sorted(k for k in set(saved) | set(wanted) if k not in EXECUTION and saved.get(k) != wanted.get(k))
 
 
 def ensure_run(values: dict[str, Any], log: Callable[[str], None]) -> Path:
     """The finished run directory for ``values``: reused, resumed or trained now."""
+    from fedward.algorithms import get_algorithm
     from fedward.config import build_config
     from fedward.engine.simulation import prepare, run
     from fedward.tracking import RunDirectory
 
     cfg = build_config(values)
     folder = Path(cfg.output)
-    wanted = cfg.to_dict()
+    wanted = {**cfg.to_dict(), **get_algorithm(cfg.method).resolved_settings(cfg)}
     if (folder / "config.yaml").is_file():
         run_dir = RunDirectory.open_existing(folder)
         differ = _same_settings(run_dir.read_config(), wanted)

@@ -605,6 +605,32 @@ _STYLE = (
 )
 
 
+def _privacy_line(config: dict) -> list[str]:
+    from fedward.algorithms.privacy import describe, privacy_summary
+
+    privacy = privacy_summary(config, len(config.get("client_names") or []))
+    return [f"<p><b>{html.escape(describe(privacy))}</b></p>"] if privacy else []
+
+
+def data_section(facts: dict) -> list[str]:
+    """The report's data section: images per client and split, train images per class (the
+    imbalance), and the images skipped as unreadable."""
+    where = f" from {facts['data_dir']}" if facts.get("data_dir") else " (built in)"
+    classes = facts["class_names"]
+    header = ["client", "train", "val", "test", *(f"train {c}" for c in classes)]
+    body = [[c["name"], *(str(sum(c[s])) for s in ("train", "val", "test")), *(str(n) for n in c["train"])]
+            for c in facts["clients"]]
+    body.append(["all", *(str(sum(sum(c[s]) for c in facts["clients"])) for s in ("train", "val", "test")),
+                 *(str(sum(c["train"][k] for c in facts["clients"])) for k in range(len(classes)))])
+    skipped = facts.get("skipped_bad_images", 0)
+    lines = [f"<p>{html.escape(str(facts['dataset']))}{html.escape(where)}, {facts['image_size']} px</p>",
+             _html_table(header, body)]
+    if skipped:
+        shown = ", ".join(facts.get("bad_images", []))
+        lines.append(f"<p class='note'>{skipped} unreadable image(s) skipped (--skip_bad_images): {html.escape(shown)}</p>")
+    return lines
+
+
 def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[tuple[str, bytes]]) -> str:
     name = html.escape(run.name)
     method = config_value(config, "method")
@@ -620,6 +646,7 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
         f"<h1>fedward run {name}</h1>",
         f"<p>method: <b>{html.escape(str(method or '-'))}</b>, loss: <b>{html.escape(str(loss or '-'))}</b>, "
         f"final round: {summary['final_round']}</p>",
+        *_privacy_line(config),
         "<h2>Summary</h2>",
         _html_table(header, body),
         f"<p class='note'>{html.escape(summary['selection'])}</p>",
@@ -627,6 +654,9 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
     client_header, client_body = _client_table(summary, config_value(config, "client_names"))
     if client_body:
         parts += ["<h2>Per client (balanced accuracy)</h2>", _html_table(client_header, client_body)]
+    facts = run.read_data()
+    if facts:
+        parts += ["<h2>Data</h2>", *data_section(facts)]
     for title, data in figures:
         encoded = base64.b64encode(data).decode("ascii")
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>")

@@ -3,12 +3,14 @@
 Layout::
 
     config.yaml        resolved config, written once at the start
+    data.json          the data the run trained on: clients, class counts, skipped images
     metrics.jsonl      one JSON object per line; appended after every round
     tensorboard/       the same numbers as TensorBoard scalars (step = round)
     checkpoints/       last.pt: the last completed round's checkpoint, written atomically
     final_model.pt     (or final_model_client_<k>.pt for personalised methods)
     results.json       the summary of the run
     report.html        self-contained report (see ``fedward.tracking.report``)
+    .lock              the pid of the process writing the run (see ``RunDirectory.writing``)
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import yaml
 from fedward.errors import FedwardError
 
 CONFIG_NAME = "config.yaml"
+DATA_NAME = "data.json"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_NAME = "checkpoints"
 TENSORBOARD_NAME = "tensorboard"
 FINAL_MODEL_NAME = "final_model.pt"
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
+LOCK_NAME = ".lock"
 
 EVAL_SCOPES = ("server", "client")
 # Keys every evaluation row must carry (the metrics.jsonl contract).
@@ -41,6 +45,30 @@ _ID_KEYS = frozenset({"round", "scope", "client", "clients", "model", "data", "s
 # Read once at import (os.umask can only be read by setting it, which is not thread-safe later).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+def new_run_folder(base: str | os.PathLike[str]) -> Path:
+    """A new, empty folder ``base`` (or ``base-2``, ``base-3``, ...), created here: ``mkdir`` is
+    atomic, so two runs started in the same second never get the same default name."""
+    base = Path(base)
+    _make_folder(base.parent)
+    for index in range(1, 10_000):
+        path = base if index == 1 else base.with_name(f"{base.name}-{index}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise FedwardError(f"cannot create run directory {path}: {err.strerror}; choose another --output") from None
+    raise FedwardError(f"no free run folder name next to {base}; give --output")
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedwardError(f"cannot create run directory {path}: {err.strerror}; choose another --output") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +294,9 @@ class RunDirectory:
                     f"run directory {root} is not empty and holds no {CONFIG_NAME} or {METRICS_NAME}; "
                     "refusing to overwrite a folder that is not a fedward run"
                 )
-            _empty_folder(root)
-        root.mkdir(parents=True, exist_ok=True)
+            with cls(root).writing():  # never empty a run another process is writing
+                _empty_folder(root)
+        _make_folder(root)
         run = cls(root, tensorboard=tensorboard)
         run.checkpoints_dir.mkdir(exist_ok=True)
         return run
@@ -281,6 +310,31 @@ class RunDirectory:
         if not (root / CONFIG_NAME).is_file():
             raise FedwardError(f"run directory {root} has no {CONFIG_NAME}; expected a folder written by 'fedward run'")
         return cls(root, tensorboard=tensorboard)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the run's lock while this process writes it: a second writer (a ``--resume`` of a
+        run that is still going) is refused, naming the holder's pid. The lock is the kernel's
+        (``flock``), so a killed writer never leaves a stale one."""
+        import fcntl
+
+        path = self._path / LOCK_NAME
+        handle = path.open("a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise FedwardError(f"run directory {self._path} is being written by another process (pid {holder}); "
+                                   "wait for it to finish or stop it first") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
 
     # ---- paths
 
@@ -346,6 +400,25 @@ class RunDirectory:
         if not isinstance(config, dict):
             raise FedwardError(f"{self.config_path}: expected a mapping at the top level, got {type(config).__name__}")
         return config
+
+    # ---- data facts
+
+    @property
+    def data_path(self) -> Path:
+        return self._path / DATA_NAME
+
+    def write_data(self, facts: dict) -> None:
+        atomic_write_text(self.data_path, json.dumps(facts, default=_json_default, indent=1) + "\n")
+
+    def read_data(self) -> dict | None:
+        """The facts ``write_data`` wrote, or None for a run without them (a deployment's server
+        never sees the data)."""
+        if not self.data_path.is_file():
+            return None
+        try:
+            return json.loads(self.data_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FedwardError(f"{self.data_path}: not valid JSON ({err})") from None
 
     # ---- metrics
 
