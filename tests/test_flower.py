@@ -501,3 +501,22 @@ def test_privacy_server_side_messages_hold_only_declared_records(method, tiny_va
         assert len(finals) == 3 and torch.load(finals[1], weights_only=False)["model"] == "resnet5"
     else:
         assert not finals and coordinator.run_dir.final_model_path.is_file()
+
+
+def test_supernode_authentication_needs_tls_and_real_key_files(tmp_path):
+    from fedward.flower import launch
+    from fedward.flower.tls import generate_node_keys
+
+    with pytest.raises(ConfigError, match="--auth needs TLS"):
+        launch.superlink_command(host="127.0.0.1", port=1, certs=None, insecure=True, database=None, auth=True)
+    with pytest.raises(ConfigError, match="--auth-key .*missing.key is not a file"):
+        launch.supernode_command(superlink="h:1", client_id=0, data=None, state_dir=None, port=2, ca_cert=None,
+                                 insecure=True, auth_key=str(tmp_path / "missing.key"))
+    keys = generate_node_keys(tmp_path, range(2))
+    assert keys["node-1.pub"].read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert keys["node-0.key"].stat().st_mode & 0o777 == 0o600
+    command = launch.supernode_command(superlink="h:1", client_id=0, data=None, state_dir=None, port=2, ca_cert=None,
+                                       insecure=True, auth_key=str(keys["node-0.key"]))
+    assert command[-2:] == ["--auth-supernode-private-key", str(keys["node-0.key"].resolve())]
+    before = keys["node-0.key"].read_bytes()
+    assert generate_node_keys(tmp_path, range(2))["node-0.key"].read_bytes() == before  # kept, never overwritten

@@ -210,3 +210,32 @@ def test_flower_simulation_runtime_with_three_virtual_nodes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     flower = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["global_state"]
     assert max_abs_difference(flower, simulation_state(values, tmp_path / "sim")) <= 1e-6
+
+
+def test_supernode_authentication_lets_in_only_registered_nodes(tmp_path):
+    """A SuperLink started with --auth: node 0's public key is registered and it is activated;
+    node 1, with a key pair of its own that was never registered, is refused and gives up."""
+    certs = tmp_path / "certs"
+    assert subprocess.run([*FEDWARD, "flower", "certs", str(certs), "--nodes", "2"], capture_output=True).returncode == 0
+    processes, port = Processes(tmp_path), free_port()
+    processes.start("superlink", [*FEDWARD, "flower", "superlink", "--certs", str(certs), "--host", "127.0.0.1",
+                                  "--port", str(port), "--auth"])
+    try:
+        tls = ["--ca-cert", str(certs / "ca.crt")]
+        register = [*FEDWARD, "flower", "register-node", str(certs / "node-0.pub"), "--superlink", f"127.0.0.1:{port}", *tls]
+        deadline = time.monotonic() + 60
+        while (result := subprocess.run(register, capture_output=True, text=True)).returncode != 0:
+            assert time.monotonic() < deadline, result.stdout + result.stderr  # the SuperLink is still starting
+            time.sleep(1)
+        node_id = result.stdout.split("SuperNode ")[1].split()[0]
+        for k in (0, 1):
+            processes.start(f"node{k}", [*node_command(port, k, tmp_path / "nodes", tls),
+                                         "--auth-key", str(certs / f"node-{k}.key")], env=flower_env(tmp_path / f"home{k}"))
+        while time.monotonic() < deadline and not (f"Activated node_id={node_id}" in processes.log("superlink")
+                                                   and "Failed to activate SuperNode" in processes.log("node1")):
+            time.sleep(0.5)
+        assert f"Activated node_id={node_id}" in processes.log("superlink"), processes.log("superlink")[-2000:]
+        assert "Failed to activate SuperNode" in processes.log("node1"), processes.log("node1")[-2000:]
+        assert processes.log("superlink").count("Activated node_id") == 1
+    finally:
+        processes.stop_all()

@@ -103,6 +103,8 @@ def _add_flower_parser(subparsers, shown: dict[str, str | None]) -> None:
     link.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
     link.add_argument("--database", metavar="FILE", help="SQLite file for the SuperLink's state (default: in memory)")
     link.add_argument("--simulation", action="store_true", help="run ClientApps in Flower's simulation runtime (Ray) instead of on SuperNodes")
+    link.add_argument("--auth", action="store_true", help="SuperNode authentication: only nodes whose public key was "
+                                                          "registered (`fedward flower register-node`) may connect; needs --certs")
 
     node = actions.add_parser("supernode", help="start a hospital's node (Flower SuperNode)")
     node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
@@ -116,6 +118,14 @@ def _add_flower_parser(subparsers, shown: dict[str, str | None]) -> None:
                       help=f"local ClientApp port; nodes on one machine need distinct ones (default: {DEFAULT_NODE_PORT})")
     node.add_argument("--ca-cert", metavar="FILE", help="CA certificate that signed the SuperLink's (ca.crt)")
     node.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
+    node.add_argument("--auth-key", metavar="FILE", help="this node's private key (node-<k>.key from `fedward flower "
+                                                         "certs --nodes`) for a SuperLink started with --auth")
+
+    register = actions.add_parser("register-node", help="allow a SuperNode's public key on a SuperLink started with --auth")
+    register.add_argument("public_key", metavar="FILE", help="the node's public key (node-<k>.pub)")
+    register.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    register.add_argument("--ca-cert", metavar="FILE", help="CA certificate that signed the SuperLink's")
+    register.add_argument("--insecure", action="store_true", help="no TLS")
 
     run = actions.add_parser("run", help="submit a run to a SuperLink and stream its log",
                              argument_default=argparse.SUPPRESS, allow_abbrev=False,
@@ -139,6 +149,8 @@ def _add_flower_parser(subparsers, shown: dict[str, str | None]) -> None:
     certs.add_argument("folder", metavar="DIR")
     certs.add_argument("--host", action="append", default=[], help="server host name or IP (repeatable; localhost always)")
     certs.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    certs.add_argument("--nodes", type=int, default=0, metavar="N", help="also a key pair per SuperNode 0..N-1 "
+                                                                        "(node-<k>.key, node-<k>.pub) for --auth")
 
     app = actions.add_parser("app", help="write the Flower App folder (for plain `flwr run`)")
     app.add_argument("folder", metavar="DIR")
@@ -334,13 +346,21 @@ def command_flower(args: argparse.Namespace) -> int:
     if action == "certs":
         from fedward.flower.tls import generate_certificates
 
+        from fedward.flower.tls import generate_node_keys
+
+        if args.nodes < 0:
+            raise ConfigError(f"--nodes {args.nodes}: expected 0 or more")
         paths = generate_certificates(args.folder, args.host, days=args.days)
+        paths.update(generate_node_keys(args.folder, range(args.nodes)))
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return 0
+    if action == "register-node":
+        return launch.register_node(args.public_key, superlink=args.superlink, ca_cert=args.ca_cert,
+                                    insecure=args.insecure)
     if action == "superlink":
         launch.exec_command(launch.superlink_command(host=args.host, port=args.port, certs=args.certs,
                                                      insecure=args.insecure, database=args.database,
-                                                     simulation=args.simulation), launch.flower_env())
+                                                     simulation=args.simulation, auth=args.auth), launch.flower_env())
     if action == "supernode":
         state_dir = args.state_dir
         from fedward.flower.node import default_state_dir
@@ -349,7 +369,8 @@ def command_flower(args: argparse.Namespace) -> int:
         env = launch.flower_env(None if "FLWR_HOME" in os.environ else home)
         launch.exec_command(launch.supernode_command(
             superlink=args.superlink, client_id=args.client_id, data=args.data, state_dir=state_dir, port=args.port,
-            ca_cert=args.ca_cert, insecure=args.insecure, device=args.device, prior_path=args.prior_path), env)
+            ca_cert=args.ca_cert, insecure=args.insecure, device=args.device, prior_path=args.prior_path,
+            auth_key=args.auth_key), env)
     # run
     flags = {k: v for k, v in vars(args).items() if k in all_setting_names()}
     resume = getattr(args, "resume", None)

@@ -53,8 +53,10 @@ def _tls_pair(insecure: bool, tls_file: str | None, what: str) -> None:
 
 
 def superlink_command(*, host: str, port: int, certs: str | None, insecure: bool, database: str | None,
-                      simulation: bool = False) -> list[str]:
+                      simulation: bool = False, auth: bool = False) -> list[str]:
     _tls_pair(insecure, certs, "--certs DIR (ca.crt, server.pem, server.key from `fedward flower certs`)")
+    if auth and insecure:
+        raise ConfigError("--auth needs TLS (Flower refuses SuperNode authentication without it): give --certs DIR")
     command = [executable("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if certs:
         folder = Path(certs)
@@ -69,6 +71,8 @@ def superlink_command(*, host: str, port: int, certs: str | None, insecure: bool
         command += ["--database", database]
     if simulation:
         command.append("--simulation")
+    if auth:
+        command.append("--enable-supernode-auth")
     return command
 
 
@@ -91,7 +95,7 @@ def node_config(*, client_id: int, data: str | None, state_dir: str | None, devi
 
 def supernode_command(*, superlink: str, client_id: int, data: str | None, state_dir: str | None, port: int,
                       ca_cert: str | None, insecure: bool, device: str | None = None,
-                      prior_path: str | None = None) -> list[str]:
+                      prior_path: str | None = None, auth_key: str | None = None) -> list[str]:
     _tls_pair(insecure, ca_cert, "--ca-cert FILE (the ca.crt the SuperLink's certificate is signed with)")
     if data and not Path(data).exists():
         raise ConfigError(f"--data {data} does not exist on this machine")
@@ -104,6 +108,11 @@ def supernode_command(*, superlink: str, client_id: int, data: str | None, state
         command += ["--root-certificates", str(Path(ca_cert).resolve())]
     else:
         command.append("--insecure")
+    if auth_key:
+        if not Path(auth_key).is_file():
+            raise ConfigError(f"--auth-key {auth_key} is not a file (write node key pairs with "
+                              "`fedward flower certs DIR --nodes N`)")
+        command += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     return command
 
 
@@ -167,6 +176,33 @@ def run_status(run_id: int, env: dict[str, str]) -> dict:
     return runs[0] if runs else {}
 
 
+def cli_home(folder: Path, connection: dict) -> dict[str, str]:
+    """The environment for the ``flwr`` CLI with ``connection`` as its default SuperLink."""
+    import tomli_w
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_bytes(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}).encode())
+    return flower_env(folder)
+
+
+def connection_to(superlink: str, ca_cert: str | None, insecure: bool) -> dict:
+    _tls_pair(insecure, ca_cert, "--ca-cert FILE (the CA that signed the SuperLink's certificate)")
+    if ca_cert:
+        return {"address": superlink, "root-certificates": str(Path(ca_cert).resolve())}
+    return {"address": superlink, "insecure": True}
+
+
+def register_node(public_key: str, *, superlink: str, ca_cert: str | None, insecure: bool) -> int:
+    """Register a SuperNode's public key on a SuperLink started with ``--auth`` (Flower's
+    ``flwr supernode register``); only registered nodes may connect. Returns flwr's exit code."""
+    if not Path(public_key).is_file():
+        raise ConfigError(f"public key {public_key} is not a file (write node key pairs with "
+                          "`fedward flower certs DIR --nodes N`)")
+    env = cli_home(Path(tempfile.mkdtemp(prefix="fedward-flwr-cli-")), connection_to(superlink, ca_cert, insecure))
+    return subprocess.run([executable("flwr"), "supernode", "register", str(Path(public_key).resolve()), CONNECTION],
+                          env=env).returncode
+
+
 def submit(overrides: dict, *, superlink: str | None, ca_cert: str | None, insecure: bool,
            simulation: int = 0, workdir: str | Path | None = None) -> int:
     """Write the App and a connection, then ``flwr run --stream`` until the run ends; with
@@ -188,17 +224,11 @@ def submit(overrides: dict, *, superlink: str | None, ca_cert: str | None, insec
             wait_for_superlink(port, link)
             connection = {"address": f"127.0.0.1:{port}", "insecure": True}
         else:
-            _tls_pair(insecure, ca_cert, "--ca-cert FILE (the CA that signed the SuperLink's certificate)")
-            connection = {"address": superlink, "insecure": insecure}
-            if ca_cert:
-                connection = {"address": superlink, "root-certificates": str(Path(ca_cert).resolve())}
-        (home / "cli").mkdir(exist_ok=True)
-        (home / "cli" / "config.toml").write_bytes(tomli_w.dumps(
-            {"superlink": {"default": CONNECTION, CONNECTION: connection}}).encode())
+            connection = connection_to(superlink, ca_cert, insecure)
+        env = cli_home(home / "cli", connection)
         command = [executable("flwr"), "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"]
         if simulation:
             command += ["--federation-config", f"num-supernodes={int(simulation)}"]
-        env = flower_env(home / "cli")
         run_id = stream(command, env)
         if run_id is None:
             return 1

@@ -21,6 +21,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
 
 
+def node_key_names(client_id: int) -> tuple[str, str]:
+    """A SuperNode's key pair for Flower's SuperNode authentication: (private, public)."""
+    return f"node-{client_id}.key", f"node-{client_id}.pub"
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedward"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -71,4 +76,24 @@ def generate_certificates(folder: str | Path, hosts: list[str] | tuple[str, ...]
     _write_key(ca_key, paths[CA_KEY])
     paths[SERVER_CERT].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(server_key, paths[SERVER_KEY])
+    return paths
+
+
+def generate_node_keys(folder: str | Path, client_ids: list[int] | range) -> dict[str, Path]:
+    """One EC (P-384) key pair per SuperNode, in the OpenSSH formats Flower reads: the private key
+    goes to the hospital (``fedward flower supernode --auth-key``), the public key is registered on
+    the SuperLink (``fedward flower register-node``). An existing pair is kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for client_id in client_ids:
+        private, public = (folder / name for name in node_key_names(client_id))
+        if not (private.is_file() and public.is_file()):
+            key = ec.generate_private_key(ec.SECP384R1())
+            private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                  serialization.NoEncryption()))
+            private.chmod(0o600)
+            public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                             serialization.PublicFormat.OpenSSH) + b"\n")
+        paths[private.name], paths[public.name] = private, public
     return paths
