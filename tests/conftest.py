@@ -33,3 +33,18 @@ def pytest_collection_modifyitems(items):
 
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])  # stable: the order within a file stays
+
+
+@pytest.fixture(scope="session")
+def small_prior(tmp_path_factory):
+    """A MoCo-v2 checkpoint of a ResNet-8 (untrained; the file format and keys of the real one), for
+    Fed-MAS tests whose point is not the prior: the ``random`` ResNet-50 costs most of their time."""
+    import torch
+
+    from fedward.selfsup.moco import MocoSettings, train_moco
+
+    path = tmp_path_factory.mktemp("small-prior") / "moco-resnet8.pth.tar"
+    images = torch.randint(0, 256, (32, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    train_moco(images, MocoSettings(arch="resnet8", image_size=16, batch_size=16, bn_groups=2, epochs=0, feature_dim=8),
+               path, progress=False, log=lambda m: None)
+    return str(path)

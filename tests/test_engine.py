@@ -123,7 +123,7 @@ def _homogeneous_methods():
 
 
 @pytest.mark.parametrize("method", _homogeneous_methods())
-def test_every_method_runs_and_sends_only_declared_arrays(tmp_path, tiny_values, method, monkeypatch):
+def test_every_method_runs_and_sends_only_declared_arrays(tmp_path, tiny_values, method, monkeypatch, small_prior):
     """Privacy: what a client returns holds only the arrays its method declares (never images,
     labels, optimizer state or a personalised model) and scalar metrics. The model-heterogeneous
     methods have the same check, plus value checks, in test_mhpflid.py."""
@@ -138,7 +138,7 @@ def test_every_method_runs_and_sends_only_declared_arrays(tmp_path, tiny_values,
         return result
 
     monkeypatch.setattr(sim_module.Simulation, "run_client", spy)
-    extra = {"pre_trained_models": "random", "free_u": 1, "aggregate_method": "mas"} if method == "fedmas" else {}
+    extra = {"pre_trained_models": small_prior, "free_u": 1, "aggregate_method": "mas"} if method == "fedmas" else {}
     _run(tmp_path, method, {**tiny_values, "method": method, "loss_fn_name": "BSM", **extra})
     assert seen
     for algorithm, global_arrays, reply in seen:

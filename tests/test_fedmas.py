@@ -27,9 +27,9 @@ def _agg_rows(out):
 
 
 @pytest.mark.parametrize("aggregate", ["avg", "MAS", "mas_inv", "mas_DRW"])
-def test_aggregation_variants(tmp_path, aggregate):
+def test_aggregation_variants(tmp_path, aggregate, small_prior):
     out = tmp_path / aggregate
-    assert main(["run", "--method", "fedmas", "--free_u", "3", "--pre_trained_models", "random", "--comm_round", "2",
+    assert main(["run", "--method", "fedmas", "--free_u", "3", "--pre_trained_models", small_prior, "--comm_round", "2",
                  "--aggregate_method", aggregate, "--output", str(out), *TINY]) == 0
     for row in _agg_rows(out):
         rf, n, weights = row["robust_factor"], row["num_examples"], row["weights"]
@@ -117,9 +117,9 @@ def test_the_seed_readme_commands_run_as_written(tmp_path, monkeypatch):
         [x / sum(_agg_rows(tmp_path / "real2")[0]["robust_factor"]) for x in _agg_rows(tmp_path / "real2")[0]["robust_factor"]])
 
 
-def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values):
+def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values, small_prior):
     def run_two_clients(drift):
-        cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+        cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": small_prior, "free_u": 1,
                             "aggregate_method": "mas", "prior_bn_drift": drift})
         sim = Simulation(cfg, load_data(cfg), "cpu")
         state0, _ = initial_global_state(cfg, sim.build_model)
@@ -129,8 +129,8 @@ def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values)
         return sim, states
 
     sim, states = run_two_clients(False)
-    clean = sim.workspace.prior_buffers["random"]
-    assert all(torch.equal(b, clean[n]) for n, b in sim.workspace.priors["random"].named_buffers())
+    clean = sim.workspace.prior_buffers[small_prior]
+    assert all(torch.equal(b, clean[n]) for n, b in sim.workspace.priors[small_prior].named_buffers())
     assert "prior-batchnorm" not in states[0]
     sim, states = run_two_clients(True)
     key = "encoder.bn1.running_mean"
@@ -140,11 +140,11 @@ def test_prior_batchnorm_drift_is_per_client_and_only_with_the_flag(tiny_values)
     assert not torch.equal(first, second)
 
 
-def test_cached_prior_features_are_the_prior_on_unaugmented_images(tiny_values):
+def test_cached_prior_features_are_the_prior_on_unaugmented_images(tiny_values, small_prior):
     """Without augmentation f(x) of a batch equals the cached f(x): the two runs match; with
     augmentation the cache is an approximation, computed once per client and reused."""
     def one_client(cache, augment):
-        cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": "random", "free_u": 1,
+        cfg = build_config({**tiny_values, "method": "fedmas", "pre_trained_models": small_prior, "free_u": 1,
                             "aggregate_method": "mas", "augment": augment, "cache_prior_features": cache})
         sim = Simulation(cfg, load_data(cfg), "cpu")
         state0, _ = initial_global_state(cfg, sim.build_model)
@@ -157,8 +157,8 @@ def test_cached_prior_features_are_the_prior_on_unaugmented_images(tiny_values):
     for key, value in plain.arrays.items():
         if value.is_floating_point():
             assert torch.allclose(value, cached.arrays[key], atol=1e-4), key
-    features = sim.workspace.prior_features[("random", 0)]
-    assert features.shape == (len(sim.training_clients[0].train), 2048)
+    features = sim.workspace.prior_features[(small_prior, 0)]
+    assert features.shape == (len(sim.training_clients[0].train), sim.workspace.priors[small_prior].num_features)
     _, augmented = one_client(False, True)
     _, approximated = one_client(True, True)
     assert augmented.metrics["robust-factor"] != approximated.metrics["robust-factor"]

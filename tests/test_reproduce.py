@@ -161,11 +161,11 @@ def test_the_command_names_bad_arguments(capsys, tmp_path):
     assert "--homogeneous_model does not apply to the fedmas-isic table" in capsys.readouterr().err
 
 
-def test_the_fedmas_table_explains_each_clients_mas_weight(tiny_values, tmp_path):
+def test_the_fedmas_table_explains_each_clients_mas_weight(tiny_values, tmp_path, small_prior):
     from fedward.reproduce.fedmas_isic import robust_factor_section
     from fedward.tracking import RunDirectory
 
-    mas = RunSpec("fedmas-mas", {"method": "fedmas", "pre_trained_models": "random", "free_u": 1.0,
+    mas = RunSpec("fedmas-mas", {"method": "fedmas", "pre_trained_models": small_prior, "free_u": 1.0,
                                  "aggregate_method": "mas"})
     table = Table(name="tiny-mas", title=lambda options: "tiny", client_names=[], pooled=True,
                   metrics=(("balanced_accuracy", "BA"),), base=lambda options: {**tiny_values, "comm_round": 1},
