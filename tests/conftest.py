@@ -11,6 +11,7 @@ import pytest
 def _isolated_cache(tmp_path_factory):
     os.environ["FEDWARD_CACHE"] = str(tmp_path_factory.mktemp("fedward-cache"))
     os.environ.setdefault("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+    os.environ["FEDWARD_OFFLINE"] = "1"  # no test reaches the internet; the download tests serve files locally
     yield
 
 

@@ -449,3 +449,36 @@ def test_pretrained_rejects_files_that_are_not_state_dicts(tmp_path: Path) -> No
     a_list = save_weights([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds a list, expected a state dict"):
         load_pretrained_backbone(model, "resnet18", a_list)
+
+
+def test_missing_torchvision_weights_are_downloaded_into_torchvisions_cache(torch_home, tmp_path, monkeypatch):
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from fedward.models import pretrained
+
+    served = tmp_path / "served"
+    weights = build("resnet18", seed=3, image_size=224).state_dict()
+    data_file = save_weights(weights, served / "tmp.pth")
+    name = f"resnet18-{hashlib.sha256(data_file.read_bytes()).hexdigest()[:8]}.pth"  # torchvision's naming
+    data_file.rename(served / name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(served)))
+    httpd.RequestHandlerClass.log_message = lambda *args: None
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setitem(pretrained.TORCHVISION_FILES, "resnet18", name)
+        monkeypatch.setattr(pretrained, "TORCHVISION_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        model = build("resnet18", seed=0, image_size=224)
+        with pytest.raises(CheckpointError, match="FEDWARD_OFFLINE is set: on a machine with internet fetch http"):
+            load_pretrained_backbone(model, "resnet18", None)
+        monkeypatch.delenv("FEDWARD_OFFLINE")
+        load_pretrained_backbone(model, "resnet18", None)
+        assert (torch_home / "hub" / "checkpoints" / name).is_file()
+        assert torch.equal(model.conv1.weight, weights["conv1.weight"])
+        monkeypatch.setitem(pretrained.TORCHVISION_FILES, "resnet18", "resnet18-00000000.pth")  # not served
+        with pytest.raises(CheckpointError, match="could not be downloaded .*HTTP 404"):
+            load_pretrained_backbone(model, "resnet18", None)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -7,6 +7,7 @@ As in the reference code, the classifier (``fc``) is not loaded: heads start fro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +24,39 @@ TORCHVISION_FILES: dict[str, str] = {
     "resnet50": "resnet50-0676ba61.pth",
 }
 
+# torchvision's own download location; a file name carries the first 8 hex digits of its sha256.
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
 MAX_KEYS_IN_ERROR = 5
+
+
+def torchvision_remote(model_name: str):
+    """The torchvision weights file of ``model_name`` as a checksum-verified download."""
+    from fedward.download import RemoteFile
+
+    file_name = _check_model_name(model_name)
+    return RemoteFile(file_name, TORCHVISION_URL + file_name, sha256_prefix=file_name.rsplit("-", 1)[1].split(".")[0])
+
+
+def fetch_torchvision_weights(model_name: str, *, progress: bool = True) -> Path:
+    """Download ``model_name``'s torchvision weights into torchvision's cache, as torchvision does
+    on first use (resumable, checksum-verified); offline, an error that says where to put the file."""
+    from fedward import logs
+    from fedward.download import DownloadError, download
+
+    target = default_weights_path(model_name)
+    remote = torchvision_remote(model_name)
+    if os.environ.get("FEDWARD_OFFLINE"):
+        raise CheckpointError(f"ImageNet weights for {model_name} are not at {target} and FEDWARD_OFFLINE is set: "
+                              f"on a machine with internet fetch {remote.url}, put it at {target}, or pass "
+                              "--pre_trained_tv PATH")
+    logs.info(f"downloading torchvision's ImageNet weights {remote.name} into {target.parent}")
+    try:
+        return download(remote, target.parent, progress=progress)
+    except DownloadError as err:
+        raise CheckpointError(f"ImageNet weights for {model_name} are not at {target} and could not be downloaded "
+                              f"({err}); on a machine with internet fetch {remote.url}, put it at {target}, or pass "
+                              "--pre_trained_tv PATH") from None
 
 
 def _check_model_name(model_name: str) -> str:
@@ -94,16 +127,20 @@ def _fit_errors(model_sd: Mapping[str, torch.Tensor], file_sd: Mapping[str, torc
 def load_pretrained_backbone(model: nn.Module, model_name: str, path: str | Path | None = None) -> list[str]:
     """Load torchvision ImageNet weights into ``model`` (all but ``fc``); returns notices for the log.
 
-    ``path`` None means :func:`default_weights_path`. A ProjectionModel gets them in its backbone.
+    ``path`` None means :func:`default_weights_path`, downloaded there when missing (as torchvision
+    does). A ProjectionModel gets them in its backbone.
     A model with a non-ImageNet stem keeps a random ``conv1`` when the file's has another shape.
     """
     _check_model_name(model_name)
     default_path = default_weights_path(model_name)
     file_path = default_path if path is None else Path(path).expanduser()
-    if not file_path.is_file():
+    if not file_path.is_file() and path is None:
+        fetch_torchvision_weights(model_name)
+    elif not file_path.is_file():
         raise CheckpointError(
             f"ImageNet weights for {model_name} not found at {file_path}: expected torchvision's "
-            f"{TORCHVISION_FILES[model_name]}; put it at {default_path} or pass --pre_trained_tv PATH"
+            f"{TORCHVISION_FILES[model_name]}; put it there, or give --pre_trained_tv without a path to use (and "
+            f"download into) torchvision's cache {default_path}"
         )
     target = model.backbone if isinstance(model, ProjectionModel) else model
     file_sd = {k: v for k, v in read_state_dict(file_path).items() if not _is_head_key(k)}
