@@ -238,3 +238,23 @@ def test_divergence_spread_by_hand() -> None:
     # across clients: class 0 CV([1, 2]) = 1/3, class 1 CV([3, 2]) = 1/5, class 2 one client only: median of two
     assert spread["across_clients"] == pytest.approx((1 / 3 + 1 / 5) / 2)
     assert divergence_spread([{"round": 1, "scope": "aggregation"}]) == {}
+
+
+def test_the_report_shows_recall_per_class_at_each_hospital_with_its_test_counts(tmp_path: Path) -> None:
+    from fedward.tracking.report import client_recall_table
+
+    rows = global_run_rows(2)
+    for r in (1, 2):  # the hospitals' own test rows, with recall per class
+        rows += [row(r, "server", 0, "global", "client", "test", 0.5, per_class_recall=[0.1 * r, 1.0, None]),
+                 row(r, "server", 1, "global", "client", "test", 0.6, per_class_recall=[0.5, None, 0.25])]
+    facts = {"class_names": ["a", "b", "c"], "clients": [{"name": "H0", "test": [10, 3, 0]},
+                                                         {"name": "H1", "test": [4, 0, 8]}]}
+    header, body = client_recall_table(rows, summarize(rows), facts, ["H0", "H1"])
+    assert header == ["hospital", "a", "b", "c"]
+    assert body == [["H0", "0.20 (10)", "1.00 (3)", "–"], ["H1", "0.50 (4)", "–", "0.25 (8)"]]  # the final round
+    run = make_run(tmp_path / "run", rows, {"method": "fedavg", "client_names": ["H0", "H1"]})
+    run.write_data({**facts, "dataset": "toy", "data_dir": None, "image_size": 8, "skipped_bad_images": 0,
+                    "clients": [{**c, "train": [5, 5, 5], "val": [1, 1, 1]} for c in facts["clients"]]})
+    text = write_report(run).read_text()
+    assert "Recall per class at each hospital (own test split, round 2)" in text and "<td>0.25 (8)</td>" in text
+    assert "<td>all</td><td>30</td><td>6</td><td>25</td>" in text  # the data section's totals

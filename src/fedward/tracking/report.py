@@ -412,20 +412,22 @@ def confusion_matrix_figure(matrix: list[list[float]], round_: int, class_names:
     size = len(matrix)
     names = [str(n) for n in class_names] if class_names and len(class_names) == size else [str(i) for i in range(size)]
     values = normalise_rows(matrix)
+    row_names = [f"{name} (n={int(sum(line))})" for name, line in zip(names, matrix)]
     side = max(4.0, 0.6 * size + 2)
     figure = _figure(side, side)
     ax = figure.subplots()
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(size), labels=names, rotation=45, ha="right")
-    ax.set_yticks(range(size), labels=names)
+    ax.set_yticks(range(size), labels=row_names)
     ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"Pooled test, round {round_} (normalised per true class)")
+    ax.set_ylabel("true class (test images)")
+    ax.set_title(f"Pooled test, round {round_} (share of each true class; count below)")
     if size <= 12:
         for i in range(size):
             for j in range(size):
-                ax.text(j, i, f"{values[i][j]:.2f}", ha="center", va="center", fontsize=8, color="white" if values[i][j] > 0.5 else "black")
+                ax.text(j, i, f"{values[i][j]:.2f}\n{int(matrix[i][j])}", ha="center", va="center", fontsize=7,
+                        color="white" if values[i][j] > 0.5 else "black")
     return figure
 
 
@@ -612,6 +614,32 @@ def _privacy_line(config: dict) -> list[str]:
     return [f"<p><b>{html.escape(describe(privacy))}</b></p>"] if privacy else []
 
 
+def client_recall_table(rows: list[dict], summary: dict, facts: dict | None,
+                        client_names: list[str] | None) -> tuple[list[str], list[list[str]]]:
+    """Recall per class at each hospital on its own test split at the final round (the global
+    model, or each client's own for personalised methods), with the number of test images of the
+    class: how the minority classes fare where they are rare."""
+    model = "local" if summary.get("mode") == "local" else "global"
+    found = [r for r in _evaluation_rows(rows) if r.get("model") == model and r.get("data") == "client"
+             and r.get("split") == "test" and r.get("client") is not None and r.get("per_class_recall")]
+    if not found:
+        return [], []
+    last = max(r["round"] for r in found)
+    by_client = {int(r["client"]): r["per_class_recall"] for r in found if r["round"] == last}
+    size = len(next(iter(by_client.values())))
+    classes = (facts or {}).get("class_names") or [str(c) for c in range(size)]
+    counts = {k: c["test"] for k, c in enumerate((facts or {}).get("clients", []))}
+    body = []
+    for client, recall in sorted(by_client.items()):
+        name = client_names[client] if client_names and client < len(client_names) else str(client)
+        cells = []
+        for c, value in enumerate(recall):
+            n = counts[client][c] if client in counts else None
+            cells.append("–" if value is None else f"{value:.2f}" + (f" ({n})" if n is not None else ""))
+        body.append([name, *cells])
+    return ["hospital", *classes], body
+
+
 def data_section(facts: dict) -> list[str]:
     """The report's data section: images per client and split, train images per class (the
     imbalance), and the images skipped as unreadable."""
@@ -655,6 +683,11 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
     if client_body:
         parts += ["<h2>Per client (balanced accuracy)</h2>", _html_table(client_header, client_body)]
     facts = run.read_data()
+    recall_header, recall_body = client_recall_table(run.read_rows(), summary, facts, config_value(config, "client_names"))
+    if recall_body:
+        parts += [f"<h2>Recall per class at each hospital (own test split, round {summary['final_round']})</h2>",
+                  _html_table(recall_header, recall_body),
+                  "<p class='note'>In brackets: the hospital's test images of that class; – : none.</p>"]
     if facts:
         parts += ["<h2>Data</h2>", *data_section(facts)]
     for title, data in figures:
