@@ -258,3 +258,4 @@ def test_the_report_shows_recall_per_class_at_each_hospital_with_its_test_counts
     text = write_report(run).read_text()
     assert "Recall per class at each hospital (own test split, round 2)" in text and "<td>0.25 (8)</td>" in text
     assert "<td>all</td><td>30</td><td>6</td><td>25</td>" in text  # the data section's totals
+    assert re.search(r"fedward unknown; started \d{4}-\d\d-\d\d \d\d:\d\d .*, report written .* of wall time", text)

@@ -607,6 +607,22 @@ _STYLE = (
 )
 
 
+def _when(run: RunDirectory, config: dict) -> str:
+    """fedward's version, when the run started (its config.yaml was written) and when this report
+    was written, and the wall time between (interruptions included)."""
+    import datetime as dt
+
+    version = config_value(config, "fedward_version") or "unknown"
+    if not run.config_path.is_file():
+        return f"fedward {version}"
+    started = dt.datetime.fromtimestamp(run.config_path.stat().st_mtime).astimezone()
+    written = dt.datetime.now().astimezone()
+    seconds = max(0, int((written - started).total_seconds()))
+    duration = f"{seconds // 3600} h {seconds % 3600 // 60:02d} min" if seconds >= 3600 else f"{seconds // 60} min {seconds % 60:02d} s"
+    return (f"fedward {version}; started {started:%Y-%m-%d %H:%M %Z}, report written {written:%Y-%m-%d %H:%M %Z} "
+            f"({duration} of wall time, interruptions included)")
+
+
 def _privacy_line(config: dict) -> list[str]:
     from fedward.algorithms.privacy import describe, privacy_summary
 
@@ -674,6 +690,7 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
         f"<h1>fedward run {name}</h1>",
         f"<p>method: <b>{html.escape(str(method or '-'))}</b>, loss: <b>{html.escape(str(loss or '-'))}</b>, "
         f"final round: {summary['final_round']}</p>",
+        f"<p class='note'>{html.escape(_when(run, config))}</p>",
         *_privacy_line(config),
         "<h2>Summary</h2>",
         _html_table(header, body),
