@@ -195,6 +195,15 @@ def test_compare_lists_each_run_and_writes_bars(tmp_path: Path) -> None:
     assert fedavg.index("CE") == header.index("loss") == local.index("BSM")
     png = tmp_path / "runs" / "comparison.png"
     assert png.read_bytes().startswith(b"\x89PNG")
+    import csv
+
+    with (tmp_path / "runs" / "comparison.csv").open() as handle:
+        records = list(csv.DictReader(handle))
+    assert [r["run"] for r in records] == ["fedavg_ce", "local_bsm"]
+    assert float(records[0]["final_test_ba"]) == pytest.approx(0.6) and records[0]["val_selected_round"] == "2"
+    assert records[1]["model"] == "local (mean over clients)" and float(records[1]["mean_client_ba"]) == pytest.approx(0.65)
+    page = (tmp_path / "runs" / "comparison.html").read_text()
+    assert "<a href='fedavg_ce/report.html'>fedavg_ce</a>" in page and "<td>0.6500*</td>" in page
 
     out = tmp_path / "elsewhere"
     compare([tmp_path / "runs" / "fedavg_ce"], out_dir=out)

@@ -416,6 +416,12 @@ def command_report(args: argparse.Namespace) -> int:
         written = write_report(RunDirectory.open_existing(path))
         print(f"report: {written}")
     print(compare(args.run_dirs, out_dir=args.out))
+    from pathlib import Path
+
+    from fedward.tracking.report import COMPARISON_CSV, COMPARISON_HTML
+
+    folder = Path(args.out) if args.out else RunDirectory.open_existing(args.run_dirs[0]).path.resolve().parent
+    print(f"comparison: {folder / COMPARISON_HTML}, {folder / COMPARISON_CSV}")
     return 0
 
 

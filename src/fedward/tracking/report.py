@@ -8,6 +8,7 @@ accuracy; no number is ever chosen by looking at the test set.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import math
@@ -27,6 +28,8 @@ CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 AGGREGATION_WEIGHTS_PNG = "aggregation_weights.png"
 ROBUST_FACTORS_PNG = "robust_factors.png"
 COMPARISON_PNG = "comparison.png"
+COMPARISON_CSV = "comparison.csv"
+COMPARISON_HTML = "comparison.html"
 
 # {round: row} for one (scope, model, data, split, client) series
 Series = dict[int, dict]
@@ -720,7 +723,9 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
 
 
 def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None) -> str:
-    """A plain-text table comparing runs, and ``comparison.png`` (bars) in ``out_dir``.
+    """A plain-text table comparing runs; in ``out_dir`` the same as ``comparison.csv`` (numbers in
+    full) and ``comparison.html`` (table, bars, a link to each run's report), and the bars as
+    ``comparison.png``.
 
     ``out_dir`` defaults to the parent of the first run directory.
     """
@@ -733,6 +738,7 @@ def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str 
     header = ["run", "method", "loss", "final test BA", "val-sel. round", "val-sel. test BA", "mean client BA"]
     body: list[list[str]] = []
     bars: list[tuple[str, float | None, float | None, float | None]] = []
+    records: list[dict[str, Any]] = []
     any_local = False
     for name, run in zip(names, runs):
         config = run.read_config()
@@ -755,13 +761,33 @@ def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str 
             _fmt(summary["mean_client_final"]),
         ])
         bars.append((name, final_ba, selected_ba, summary["mean_client_final"]))
+        records.append({"run": name, "path": str(run.path.resolve()), "method": body[-1][1], "loss": body[-1][2],
+                        "final_test_ba": final_ba, "model": "local (mean over clients)" if local else "global",
+                        "val_selected_round": selected_round, "val_selected_test_ba": selected_ba,
+                        "mean_client_ba": summary["mean_client_final"]})
+    note = "* no global model: mean over clients of each local model's balanced accuracy on its own test split"
     table = format_table(header, body, left_columns=3)
     if any_local:
-        table += "\n* no global model: mean over clients of each local model's balanced accuracy on its own test split"
+        table += "\n" + note
 
     target = Path(out_dir) if out_dir is not None else runs[0].path.resolve().parent
     target.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target / COMPARISON_PNG, _png_bytes(comparison_figure(bars)))
+    png = _png_bytes(comparison_figure(bars))
+    atomic_write_bytes(target / COMPARISON_PNG, png)
+    with io.StringIO() as text:
+        writer = csv.DictWriter(text, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in record.items()} for record in records)
+        atomic_write_text(target / COMPARISON_CSV, text.getvalue())
+    links = [f"<li><a href='{html.escape(os.path.relpath(r['path'], target.resolve()))}/report.html'>"
+             f"{html.escape(r['run'])}</a></li>" for r in records]
+    encoded = base64.b64encode(png).decode("ascii")
+    atomic_write_text(target / COMPARISON_HTML, "\n".join([
+        f"<!doctype html><html><head><meta charset='utf-8'><title>fedward comparison</title><style>{_STYLE}</style>"
+        "</head><body><h1>fedward: comparison of runs</h1>", _html_table(header, body),
+        f"<p class='note'>{html.escape(note)}</p>" if any_local else "",
+        f"<img alt='comparison' src='data:image/png;base64,{encoded}'>", "<h2>Reports</h2><ul>", *links,
+        "</ul></body></html>"]) + "\n")
     return table
 
 
@@ -777,6 +803,7 @@ def comparison_figure(bars: list[tuple[str, float | None, float | None, float | 
         ax.bar(xs, heights, width=width, label=label, color=f"C{k}")
     ax.set_xticks(range(len(bars)), labels=[bar[0] for bar in bars], rotation=20, ha="right")
     ax.set_ylabel("balanced accuracy")
+    ax.set_title("Test balanced accuracy per run (pooled test; local runs: mean over clients)")
     ax.set_ylim(0.0, 1.0)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
