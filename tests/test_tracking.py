@@ -182,6 +182,13 @@ def test_tensorboard_tags_per_row_kind() -> None:
     assert agg == {"aggregation/weight/client_0": 0.25, "aggregation/weight/client_2": 0.75,
                    "aggregation/train_loss/client_0": 1.0, "aggregation/train_loss/client_2": 2.0,
                    "aggregation/elapsed": 4.0}
+    # hospitals and classes by name when the run names them
+    names, classes = ["BCN", "HAM", "MSK"], ["MEL", "NV"]
+    named = dict(tensorboard_scalars({**pooled, "client": 2, "data": "client"}, names, classes))
+    assert named["client_2_MSK/global/test/recall/MEL"] == 0.25 and "client_2_MSK/global/test/recall/NV" not in named
+    named_agg = dict(tensorboard_scalars({"round": 3, "scope": "aggregation", "clients": [0, 2], "weights": [0.25, 0.75]},
+                                         names, classes))
+    assert named_agg == {"aggregation/weight/client_0_BCN": 0.25, "aggregation/weight/client_2_MSK": 0.75}
 
 
 def _read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -207,3 +214,25 @@ def test_log_rows_writes_tensorboard_events_and_resume_purges_later_steps(tmp_pa
     resumed.log_rows([eval_row(2, "server", None, "test", 0.9)])
     resumed.close()
     assert _read_scalars(run.tensorboard_dir, "server/pooled/test/balanced_accuracy") == [(1, 0.1), (2, 0.9)]
+
+
+def test_tensorboard_uses_the_runs_names_and_records_its_settings(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with RunDirectory.create(tmp_path / "run") as run:
+        run.write_config({"method": "fedavg", "client_names": ["BCN", "MSK"], "class_names": ["MEL", "NV"]})
+        run.log_rows([eval_row(1, "server", 1, "test", 0.5, model="global", data="client", per_class_recall=[0.5, 1.0])])
+        run.write_hparams({"method": "fedavg", "lr": 0.001, "adam": True, "devices": ["cpu"]},
+                          {"final_test_ba": 0.5, "selected_test_ba": None})
+    accumulator = EventAccumulator(str(run.tensorboard_dir))
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert "client_1_MSK/global/test/recall/NV" in tags["scalars"]
+    assert [e.value for e in accumulator.Scalars("hparam/final_test_ba")] == [0.5]
+    assert "hparam/selected_test_ba" not in tags["scalars"]  # no number, no tag
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["lr"].number_value == 0.001 and start.hparams["method"].string_value == "fedavg"
+    assert start.hparams["adam"].number_value == 1 and "devices" not in start.hparams  # a list: left out

@@ -331,6 +331,9 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
     if privacy is not None:
         summary["privacy"] = privacy
     run_dir.write_results(summary)
+    run_dir.write_hparams(cfg.to_dict(), {"final_test_ba": summary["final"]["balanced_accuracy"],
+                                          "selected_test_ba": (summary.get("selected") or {}).get("balanced_accuracy"),
+                                          "mean_client_ba": summary.get("mean_client_final")})
     write_report(run_dir)
     if not cfg.keep_checkpoint:
         (run_dir.checkpoints_dir / "last.pt").unlink(missing_ok=True)

@@ -223,29 +223,40 @@ def row_kind(row: dict) -> tuple[str, str]:
     return str(model), str(data)
 
 
-def tensorboard_scalars(row: dict) -> list[tuple[str, float]]:
-    """The (tag, value) pairs one metrics row becomes in TensorBoard."""
+def _label(index: Any, names: list[str] | None, kind: str) -> str:
+    """``client_3_MSK`` / ``MEL``: the name after the index (clients keep their order in TensorBoard's
+    list); the index alone when the run names none."""
+    if names and isinstance(index, int) and 0 <= index < len(names):
+        return f"{kind}_{index}_{names[index]}" if kind == "client" else str(names[index])
+    return f"{kind}_{index}"
+
+
+def tensorboard_scalars(row: dict, client_names: list[str] | None = None,
+                        class_names: list[str] | None = None) -> list[tuple[str, float]]:
+    """The (tag, value) pairs one metrics row becomes in TensorBoard; hospitals and classes by name
+    when the run's config names them."""
     scope = row.get("scope")
     if scope == "aggregation":
-        return _aggregation_scalars(row)
+        return _aggregation_scalars(row, client_names)
     if scope in EVAL_SCOPES:
         model, data = row_kind(row)
         client = row.get("client")
         if client is None:
             prefix = f"{scope}/{data}"
         else:
-            prefix = f"client_{client}/{model}" + ("" if data == "client" else f"_on_{data}")
+            prefix = f"{_label(client, client_names, 'client')}/{model}" + ("" if data == "client" else f"_on_{data}")
         prefix = f"{prefix}/{row.get('split')}"
     else:
-        prefix = str(scope) if row.get("client") is None else f"{scope}/client_{row['client']}"
+        prefix = str(scope) if row.get("client") is None else f"{scope}/{_label(row['client'], client_names, 'client')}"
     scalars = [(f"{prefix}/{key}", float(value)) for key, value in row.items() if key not in _ID_KEYS and _is_number(value)]
     recall = row.get("per_class_recall")
     if isinstance(recall, list):
-        scalars += [(f"{prefix}/recall/class_{i}", float(v)) for i, v in enumerate(recall) if _is_number(v)]
+        scalars += [(f"{prefix}/recall/{_label(i, class_names, 'class')}", float(v)) for i, v in enumerate(recall)
+                    if _is_number(v)]
     return scalars
 
 
-def _aggregation_scalars(row: dict) -> list[tuple[str, float]]:
+def _aggregation_scalars(row: dict, client_names: list[str] | None) -> list[tuple[str, float]]:
     weights = row.get("weights") or []
     clients = row.get("clients") or list(range(len(weights)))
     scalars: list[tuple[str, float]] = []
@@ -256,7 +267,8 @@ def _aggregation_scalars(row: dict) -> list[tuple[str, float]]:
             scalars.append((f"aggregation/{key}", float(value)))
         elif isinstance(value, list) and len(value) == len(clients):
             name = "weight" if key == "weights" else key
-            scalars += [(f"aggregation/{name}/client_{c}", float(v)) for c, v in zip(clients, value) if _is_number(v)]
+            scalars += [(f"aggregation/{name}/{_label(c, client_names, 'client')}", float(v))
+                        for c, v in zip(clients, value) if _is_number(v)]
     return scalars
 
 
@@ -272,6 +284,7 @@ class RunDirectory:
         self._tensorboard = tensorboard
         self._writer: Any = None  # SummaryWriter, created on first log_rows
         self._purge_step: int | None = None
+        self._tensorboard_names: tuple[list[str] | None, list[str] | None] | None = None
 
     # ---- construction
 
@@ -386,6 +399,7 @@ class RunDirectory:
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         text = yaml.safe_dump(_plain(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
         atomic_write_text(self.config_path, text)
+        self._tensorboard_names = None
 
     def read_config(self) -> dict:
         """The config written by ``write_config``."""
@@ -490,13 +504,38 @@ class RunDirectory:
 
     # ---- internals
 
+    def write_hparams(self, settings: dict, metrics: dict[str, float | None]) -> None:
+        """The run's settings and its final numbers in TensorBoard's HPARAMS tab, so that runs can be
+        filtered and compared by setting (settings that are not a number, a flag or a string are
+        left out, as TensorBoard takes no others)."""
+        if not self._tensorboard:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        plain = {k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str))}
+        numbers = {f"hparam/{k}": float(v) for k, v in metrics.items() if _is_number(v)}
+        writer = self._get_writer()
+        for summary in hparams(plain, numbers):
+            writer.file_writer.add_summary(summary)
+        for tag, value in numbers.items():
+            writer.add_scalar(tag, value)
+        writer.flush()
+
+    def _names(self) -> tuple[list[str] | None, list[str] | None]:
+        """The run's hospital and class names (config.yaml), read once."""
+        if self._tensorboard_names is None:
+            config = self.read_config() if self.config_path.is_file() else {}
+            self._tensorboard_names = (config.get("client_names"), config.get("class_names"))
+        return self._tensorboard_names
+
     def _write_scalars(self, rows: list[dict]) -> None:
         writer = self._get_writer()
+        client_names, class_names = self._names()
         for row in rows:
             step = row.get("round")
             if not _is_number(step):
                 continue
-            for tag, value in tensorboard_scalars(row):
+            for tag, value in tensorboard_scalars(row, client_names, class_names):
                 writer.add_scalar(tag, value, global_step=int(step))
         writer.flush()
 
