@@ -15,6 +15,22 @@ from fedward.tracking import RunDirectory
 
 from test_flower import loopback_run, simulation_model, task_identity  # noqa: F401  (the loopback Grid, its fixture)
 
+
+@pytest.fixture(autouse=True)
+def _registries_as_they_were():
+    """What a test's plugin registers is gone after it: other files (the generated options page,
+    the every-method tests) see fedward's own registry whatever ran before them in the process."""
+    from fedward import plugins
+    from fedward.algorithms.registry import METHOD_REGISTRY
+    from fedward.data.registry import DATASETS
+    from fedward.models.registry import _REGISTRY
+
+    saved = [(registry, dict(registry)) for registry in (METHOD_REGISTRY, DATASETS, _REGISTRY, plugins._LOADED)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+
 PLUGIN = textwrap.dedent('''
     """Coordinate-wise trimmed mean (Yin et al. 2018), a tiny data set and a tiny model."""
     from dataclasses import dataclass
