@@ -18,10 +18,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedward run --config configs/demo.yaml
 
-# Three workers on two cores: most tests are single-threaded tiny runs, and the Flower deployment
-# tests mostly wait on their processes; whole files go to a worker (their module fixtures start once).
+# Two workers: most tests are single-threaded tiny runs, and the Flower deployment tests mostly
+# wait on their processes; whole files go to a worker (their module fixtures start once).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
