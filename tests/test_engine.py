@@ -115,6 +115,40 @@ def test_rows_follow_the_contract(tmp_path, tiny_values):
     assert any(run_dir.tensorboard_dir.iterdir())
 
 
+def test_predictions_files_round_trip_to_the_rows(tmp_path, tiny_values):
+    """predictions_global.csv holds every final-round val and test image of every client; its argmax,
+    confusion matrix and AUROC are those of the metrics rows."""
+    import csv
+
+    import numpy as np
+
+    from fedward.metrics import confusion_matrix, macro_auroc
+
+    cfg, run_dir, _ = _run(tmp_path, "predictions", tiny_values)
+    with open(run_dir.path / "predictions_global.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    class_names = [key[2:] for key in lines[0] if key.startswith("p_")]
+    assert len(class_names) == 8  # the built-in set's classes, one score column each
+    assert {line["round"] for line in lines} == {str(cfg.comm_round)}
+    rows = [r for r in run_dir.read_rows() if r["scope"] == "server" and r["client"] is not None
+            and r["round"] == cfg.comm_round]
+    assert len(lines) == sum(r["n"] for r in rows)
+    for row in rows:
+        mine = [line for line in lines if line["client"] == str(row["client"]) and line["split"] == row["split"]]
+        scores = np.array([[float(line[f"p_{name}"]) for name in class_names] for line in mine])
+        labels = np.array([int(line["label"]) for line in mine])
+        preds = np.array([int(line["prediction"]) for line in mine])
+        assert [int(line["index"]) for line in mine] == list(range(row["n"]))
+        assert np.allclose(scores.sum(1), 1.0, atol=1e-4) and (scores.argmax(1) == preds).all()
+        assert confusion_matrix(labels, preds, len(class_names)).tolist() == row["confusion_matrix"]
+        expected = macro_auroc(labels, scores)  # from 6-digit scores: equal to the row's up to ties they merge
+        assert (row["auroc"] is None) == (expected is None)
+        if expected is not None:
+            assert row["auroc"] == pytest.approx(expected, abs=0.02)
+    pooled = [r for r in run_dir.read_rows() if r["scope"] == "server" and r["client"] is None]
+    assert pooled and all(r["auroc"] is None for r in pooled)  # needs every hospital's scores in one place
+
+
 def _homogeneous_methods():
     from fedward.algorithms import METHOD_REGISTRY
     from fedward.algorithms.heterogeneous import LocalModelMethod

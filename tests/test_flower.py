@@ -125,10 +125,12 @@ def test_drills_break_only_their_target():
 def test_rows_from_a_confusion_matrix_equal_the_rows_of_the_predictions():
     labels = np.array([0, 0, 1, 2, 2, 2, 1, 0])
     preds = np.array([0, 1, 1, 2, 0, 2, 1, 0])
-    original = Predictions(labels, preds, 3.25)
-    rebuilt = Predictions.from_confusion(original.confusion(4), 3.25)
+    scores = np.eye(4)[preds] * 0.7 + 0.075  # rows sum to 1; the predicted class scores highest
+    original = Predictions(labels, preds, 3.25, scores=scores)
+    rebuilt = Predictions.from_confusion(original.confusion(4), 3.25, original.auroc)
     assert original.confusion(4).tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
-    assert rebuilt.row(4, with_confusion=True, round=1) == original.row(4, with_confusion=True, round=1)
+    assert rebuilt.row(4, round=1) == original.row(4, round=1)
+    assert original.row(4)["confusion_matrix"] == original.confusion(4).tolist()
     with pytest.raises(ValueError, match="square table"):
         Predictions.from_confusion([[1, 2]], 0.0)
 
@@ -339,6 +341,15 @@ def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path
     taking_part = lambda rows: [(r["round"], r["client"], r["status"]) for r in rows if r["scope"] == "participation"]  # noqa: E731
     assert taking_part(coordinator.run_dir.read_rows()) == taking_part(sim_rows)
     assert (coordinator.run_dir.path / "report.html").is_file() and (coordinator.run_dir.path / "results.json").is_file()
+    # per-image predictions: none at the server; the nodes' files hold the simulation's lines of their clients
+    assert not list(coordinator.run_dir.path.glob("predictions_*.csv"))
+    sim_files = sorted(sim_dir.path.glob("predictions_*.csv"))
+    assert sim_files
+    for sim_file in sim_files:
+        header, *sim_lines = sim_file.read_text().splitlines()
+        node_files = sorted((tmp_path / "nodes").glob(f"*/client-*/{sim_file.name}"))
+        assert all(f.read_text().splitlines()[0] == header for f in node_files)
+        assert sorted(line for f in node_files for line in f.read_text().splitlines()[1:]) == sorted(sim_lines)
 
 
 def test_dropout_bad_reply_and_rejoin(tiny_values, tmp_path, task_identity):

@@ -187,9 +187,11 @@ def test_compare_lists_each_run_and_writes_bars(tmp_path: Path) -> None:
     table = compare([tmp_path / "runs" / "fedavg_ce", tmp_path / "runs" / "local_bsm"])
     lines = table.splitlines()
     fedavg = next(line for line in lines if line.startswith("fedavg_ce"))
-    assert fedavg.split() == ["fedavg_ce", "fedavg", "CE", "0.6000", "2", "0.5500", "0.6000"]
-    local = next(line for line in lines if line.startswith("local_bsm"))
-    assert local.split() == ["local_bsm", "local", "BSM", "0.6500*", "per", "client", "0.7000", "0.6500"]
+    interval = summarize(global_run_rows())["final_interval"]["balanced_accuracy"]  # from the pooled matrix
+    assert fedavg.split() == ["fedavg_ce", "fedavg", "CE", "0.6000", f"[{interval[0]:.3f},{interval[1]:.3f}]", "2",
+                              "0.5500", "0.6000"]
+    local = next(line for line in lines if line.startswith("local_bsm"))  # rows without matrices: no interval
+    assert local.split() == ["local_bsm", "local", "BSM", "0.6500*", "-", "per", "client", "0.7000", "0.6500"]
     # columns are aligned: every value starts where its header does
     header = lines[0]
     assert fedavg.index("CE") == header.index("loss") == local.index("BSM")
@@ -201,6 +203,7 @@ def test_compare_lists_each_run_and_writes_bars(tmp_path: Path) -> None:
         records = list(csv.DictReader(handle))
     assert [r["run"] for r in records] == ["fedavg_ce", "local_bsm"]
     assert float(records[0]["final_test_ba"]) == pytest.approx(0.6) and records[0]["val_selected_round"] == "2"
+    assert float(records[0]["final_test_ba_low"]) == pytest.approx(interval[0]) and records[1]["final_test_ba_low"] == ""
     assert records[1]["model"] == "local (mean over clients)" and float(records[1]["mean_client_ba"]) == pytest.approx(0.65)
     page = (tmp_path / "runs" / "comparison.html").read_text()
     assert "<a href='fedavg_ce/report.html'>fedavg_ce</a>" in page and "<td>0.6500*</td>" in page
@@ -268,3 +271,34 @@ def test_the_report_shows_recall_per_class_at_each_hospital_with_its_test_counts
     assert "Recall per class at each hospital (own test split, round 2)" in text and "<td>0.25 (8)</td>" in text
     assert "<td>all</td><td>30</td><td>6</td><td>25</td>" in text  # the data section's totals
     assert re.search(r"fedward unknown; started \d{4}-\d\d-\d\d \d\d:\d\d .*, report written .* of wall time", text)
+
+
+def test_intervals_and_auroc_come_from_the_rows_matrices() -> None:
+    from fedward.metrics import bootstrap_intervals
+
+    rows = global_run_rows()
+    for r in rows:
+        if r.get("split") == "test" and r.get("client") is not None:
+            r["confusion_matrix"] = [[6, 2], [1, 3]] if r["client"] == 0 else [[9, 0], [0, 1]]
+            r["auroc"] = 0.25 + r["client"]
+            r["n"] = 12 if r["client"] == 0 else 10
+    summary = summarize(rows)
+    pooled = bootstrap_intervals([[[8, 2, 0], [1, 3, 0], [0, 0, 0]]])
+    assert summary["final_interval"] == {key: list(value) for key, value in pooled.items()}
+    assert summary["final_n"] == 20
+    detail = summary["per_client_final_detail"]
+    assert detail[1]["interval"]["accuracy"] == [1.0, 1.0] and detail[1]["auroc"] == 1.25
+    assert detail[0]["interval"]["accuracy"][0] < 9 / 12 < detail[0]["interval"]["accuracy"][1]
+    text = format_summary_table(summary, ["A", "B"])
+    line = next(line for line in text.splitlines() if line.startswith("1 B") and "[" in line)
+    assert line.split()[2:] == ["10", "[1.000,", "1.000]", "[1.000,", "1.000]", "[1.000,", "1.000]", "1.2500"]
+    assert "95% interval of the final numbers: bal. acc. [" in text
+
+    # personalised, no global model: the interval of the mean over clients, each resampled on its own
+    local = local_run_rows()
+    for r in local:
+        if r.get("split") == "test" and r.get("data") == "client":
+            r["confusion_matrix"] = [[3, 1], [0, 4]] if r["client"] == 0 else [[2, 2], [2, 2]]
+    stratified = bootstrap_intervals([[[3, 1], [0, 4]], [[2, 2], [2, 2]]])
+    assert summarize(local)["final_interval"]["macro_f1"] == list(stratified["macro_f1"])
+    assert summarize(local_run_rows())["final_interval"] is None  # rows without matrices: no interval

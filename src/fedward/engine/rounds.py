@@ -18,7 +18,7 @@ from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec
 from fedward.algorithms.base import Arrays, fine_tunes
 from fedward.config import RunConfig
 from fedward.engine import checkpoint as ckpt
-from fedward.engine.evaluation import Predictions
+from fedward.engine.evaluation import PredictionBlock, Predictions, write_predictions
 from fedward.engine.replies import reply_problem
 from fedward import logs
 from fedward.errors import FedwardError
@@ -39,6 +39,7 @@ class Outcome:
     status: str = "ok"
     reason: str | None = None
     node: int | None = None
+    predictions: list[PredictionBlock] = field(default_factory=list)  # per image, where they may be kept
 
 
 class Clients(Protocol):
@@ -88,9 +89,16 @@ def global_rows(num_classes: int, round_index: int, predictions: dict[int, dict[
                                  data="client", split=split_name))
         if parts:
             rows.append(Predictions.concat(parts).row(
-                num_classes, with_confusion=split_name == "test", round=round_index, scope="server",
+                num_classes, round=round_index, scope="server",
                 client=None, model=model, data="pooled", split=split_name))
     return rows
+
+
+def prediction_blocks(round_index: int, predictions: dict[int, dict[str, Predictions]], model: str) -> list[PredictionBlock]:
+    """The per-image predictions behind :func:`global_rows`, where their scores are at hand."""
+    blocks = [pred.block(round=round_index, model=model, client=client_id, split=split_name)
+              for client_id in sorted(predictions) for split_name, pred in predictions[client_id].items()]
+    return [block for block in blocks if block is not None]
 
 
 def aggregation_row(round_index: int, replies: list[ClientReply], info: dict[str, Any]) -> dict[str, Any]:
@@ -149,12 +157,19 @@ class RoundLoop:
                         + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in CLIENT_LOG_KEYS))
         if "weights" in info:
             rows.append(aggregation_row(round_index, replies, info))
+        final = round_index == cfg.comm_round
+        blocks = [block for outcome in accepted for block in outcome.predictions] if final else []
         if not algorithm.personalised and evaluate_now:
-            rows.extend(global_rows(self.spec.num_classes, round_index,
-                                    self.clients.evaluate(round_index, global_state)))
-        if fine_tunes(cfg) and round_index == cfg.comm_round:
-            rows.extend(global_rows(self.spec.num_classes, round_index, self.clients.finetuned(round_index, global_state),
-                                    model="finetuned"))
+            predictions = self.clients.evaluate(round_index, global_state)
+            rows.extend(global_rows(self.spec.num_classes, round_index, predictions))
+            if final:
+                blocks += prediction_blocks(round_index, predictions, "global")
+        if fine_tunes(cfg) and final:
+            predictions = self.clients.finetuned(round_index, global_state)
+            rows.extend(global_rows(self.spec.num_classes, round_index, predictions, model="finetuned"))
+            blocks += prediction_blocks(round_index, predictions, "finetuned")
+        if blocks:  # in one process; a Flower server gets none (each node writes its own)
+            write_predictions(self.run_dir.path, blocks, self.spec.class_names)
         return global_state, rows
 
     def run(self, start_round: int, global_state: Arrays, server_state: dict[str, Any],

@@ -20,7 +20,7 @@ from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.engine import checkpoint as ckpt
-from fedward.engine.evaluation import Predictions, predict
+from fedward.engine.evaluation import PredictionBlock, Predictions, predict
 from fedward.engine.rounds import Outcome, RoundLoop
 from fedward.engine.setup import (
     configure_threads,
@@ -53,6 +53,7 @@ class ClientResult:
     state: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    predictions: list[PredictionBlock] = field(default_factory=list)  # the final round's, per image
 
 
 class Simulation:
@@ -94,10 +95,12 @@ class Simulation:
         state = task.state
         reply = self.algorithm.client_update(self.workspace, client, task.message, state, generator)
         rows: list[dict[str, Any]] = []
+        blocks: list[PredictionBlock] = []
         local = self.algorithm.local_model_state(reply, state) if evaluate_local else None
         if local is not None:
-            rows = self.local_rows(task.round, client, local, state)
-        return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start)
+            rows, blocks = self.local_rows(task.round, client, local, state)
+        return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start,
+                            predictions=blocks)
 
     def client(self, client_id: int) -> ClientData:
         """The training client with this id (a Flower node holds only its own)."""
@@ -107,19 +110,24 @@ class Simulation:
         raise KeyError(f"client {client_id} is not held here (clients: {[c.client_id for c in self.training_clients]})")
 
     def local_rows(self, round_index: int, client: ClientData, local_state,
-                   state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   state: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[PredictionBlock]]:
+        """The metrics rows of the client's own models on its splits, and at the final round their
+        per-image predictions."""
         model = self.algorithm.local_model(self.workspace, client.client_id)
         model.load_state_dict(local_state)
-        rows = []
+        rows, blocks = [], []
         # The local model, then any diagnostic predictor the method offers (MH-pFLID's messenger path).
         predictors = {"local": model, **self.algorithm.diagnostic_models(self.workspace, client, state or {})}
         for name, predictor in predictors.items():
             for split_name in ("val", "test"):
                 split = getattr(client, split_name)
                 if len(split):
-                    rows.append(self._predict(predictor, split).row(
-                        self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
-                        model=name, data="client", split=split_name))
+                    pred = self._predict(predictor, split)
+                    rows.append(pred.row(self.spec.num_classes, round=round_index, scope="client",
+                                         client=client.client_id, model=name, data="client", split=split_name))
+                    if round_index == self.cfg.comm_round:
+                        blocks.append(pred.block(round=round_index, model=name, client=client.client_id,
+                                                 split=split_name))
         if self.algorithm.personalised and self.pooled_local_rows:
             # FLamby's "Local i" rows: each local model on the pooled test set too.
             if self._pooled_test is None:
@@ -127,7 +135,7 @@ class Simulation:
             rows.append(self._predict(model, self._pooled_test).row(
                 self.spec.num_classes, round=round_index, scope="client", client=client.client_id,
                 model="local", data="pooled", split="test"))
-        return rows
+        return rows, blocks
 
     def global_predictions(self, global_state) -> dict[int, dict[str, Predictions]]:
         """The global model's predictions on every held client's non-empty val and test splits."""
@@ -214,7 +222,7 @@ class SimulationClients:
         results = self.executor.run(tasks, evaluate_local=evaluate_local, progress=self.progress)
         for result in results:
             self.states[result.reply.client_id] = result.state
-        return [Outcome(r.reply.client_id, r.reply, r.rows) for r in results]
+        return [Outcome(r.reply.client_id, r.reply, r.rows, predictions=r.predictions) for r in results]
 
     def evaluate(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
         return self.sim.global_predictions(global_state)

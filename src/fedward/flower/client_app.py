@@ -47,6 +47,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     runtime = _runtime(context)
     config = msg.content["config"]
     report = runtime.evaluate(from_array_record(msg.content["arrays"]), spec_json=str(config["spec"]),
+                              round_index=int(config["round"]), run_key=str(config["run-key"]),
                               finetune=bool(config.get("finetune", False)))
     return Message(encode_report(report), reply_to=msg)
 

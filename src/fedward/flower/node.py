@@ -33,6 +33,8 @@ import torch
 from fedward.algorithms.base import Arrays, ClientReply, ServerMessage
 from fedward.config import RunConfig, build_config
 from fedward.data.types import FederatedData
+from fedward.engine.evaluation import write_predictions
+from fedward.engine.rounds import prediction_blocks
 from fedward.engine.setup import configure_threads, load_data
 from fedward.engine.simulation import ClientTask, Simulation, client_model_payload
 from fedward.errors import ConfigError
@@ -183,21 +185,32 @@ class NodeRuntime:
         state = store.load_before(message.round)
         result = sim.run_client(ClientTask(message.round, self.client.client_id, message, state), evaluate_local)
         store.save(message.round, result.state)
+        if result.predictions:  # per-image predictions stay here, beside the hospital's data
+            write_predictions(store.folder, result.predictions, sim.spec.class_names)
         if sim.algorithm.personalised and message.round == self.cfg.comm_round:
             payload = client_model_payload(self.cfg, sim.spec, sim.algorithm, self.client.client_id, result.state)
             if payload is not None:  # the personalised model stays here, on the hospital's machine
                 atomic_torch_save(payload, store.final_model_path)
         return result.reply, result.rows
 
-    def evaluate(self, global_state: Arrays, *, spec_json: str, finetune: bool = False) -> list[dict[str, Any]]:
+    def evaluate(self, global_state: Arrays, *, spec_json: str, round_index: int, run_key: str,
+                 finetune: bool = False) -> list[dict[str, Any]]:
         """The global model (``finetune``: its copy fine-tuned here, +FT) on this client's val and test
-        splits, as confusion matrices."""
+        splits, as confusion matrices with the AUROC (which needs the per-image scores); at the final
+        round the per-image predictions are written here, in this client's state folder."""
         sim = self.simulation(spec_json)
         if finetune:
             predictions = sim.finetuned_predictions(global_state, [self.client.client_id])[self.client.client_id]
         else:
             predictions = sim.global_predictions(global_state)[self.client.client_id]
-        return [{"split": name, "confusion": pred.confusion(sim.spec.num_classes).tolist(), "loss_sum": pred.loss_sum}
+        if round_index == self.cfg.comm_round:
+            blocks = prediction_blocks(round_index, {self.client.client_id: predictions},
+                                       "finetuned" if finetune else "global")
+            if blocks:
+                self.store(run_key).folder.mkdir(parents=True, exist_ok=True)
+                write_predictions(self.store(run_key).folder, blocks, sim.spec.class_names)
+        return [{"split": name, "confusion": pred.confusion(sim.spec.num_classes).tolist(), "loss_sum": pred.loss_sum,
+                 "auroc": pred.auroc}
                 for name, pred in predictions.items()]
 
 

@@ -336,8 +336,9 @@ class Coordinator:
             if reason is None:
                 self.audit(round_index, "evaluate", p, answers[p.node_id].content)
                 try:
-                    predictions[p.client_id] = {part["split"]: Predictions.from_confusion(part["confusion"], part["loss_sum"])
-                                                for part in decode_report(answers[p.node_id].content)}
+                    predictions[p.client_id] = {
+                        part["split"]: Predictions.from_confusion(part["confusion"], part["loss_sum"], part["auroc"])
+                        for part in decode_report(answers[p.node_id].content)}
                 except (KeyError, TypeError, ValueError) as err:
                     reason = f"malformed evaluation ({type(err).__name__}: {err})"
             if reason is not None:

@@ -76,6 +76,23 @@ def _metrics(row: dict) -> dict[str, float | None]:
     return {key: _value(row, key) for key in METRIC_KEYS}
 
 
+def _interval(rows: list[dict]) -> dict[str, list[float]] | None:
+    """95% bootstrap intervals of BA, accuracy and macro-F1 from the rows' confusion matrices (of
+    their mean when several clients' rows are given); None when a row has no matrix (a run written
+    before rows carried one)."""
+    from fedward.metrics import bootstrap_intervals
+
+    matrices = [row.get("confusion_matrix") for row in rows]
+    if not matrices or any(not m or not sum(map(sum, m)) for m in matrices):
+        return None
+    return {key: [low, high] for key, (low, high) in bootstrap_intervals(matrices).items()}
+
+
+def _detail(row: dict) -> dict[str, Any]:
+    """What the per-hospital table shows besides BA: the test images, the AUROC and the intervals."""
+    return {"n": row.get("n"), "auroc": _value(row, "auroc"), "interval": _interval([row])}
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -123,17 +140,21 @@ def _summarize_global(evals: list[dict], pooled_test: Series) -> dict:
     selected_round = _select_by_validation(pooled_val, pooled_test)
 
     per_client_final: dict[int, float | None] = {}
+    per_client_detail: dict[int, dict[str, Any]] = {}
     for client in _clients(evals, scope="server", model="global", data="client"):
         row = _series(evals, scope="server", model="global", data="client", split="test", client=client).get(final_round)
         if row is not None:
             per_client_final[client] = _value(row, "balanced_accuracy")
+            per_client_detail[client] = _detail(row)
 
     # Personalised methods that also keep a global model: each client's local model at its last round.
     per_client_local_final: dict[int, float | None] = {}
+    per_client_local_detail: dict[int, dict[str, Any]] = {}
     for client in _clients(evals, scope="client", model="local", data="client"):
         test = _series(evals, scope="client", model="local", data="client", split="test", client=client)
         if test:
             per_client_local_final[client] = _value(test[max(test)], "balanced_accuracy")
+            per_client_local_detail[client] = _detail(test[max(test)])
 
     if selected_round is None:
         chosen = "selected: none (no pooled validation rows, so no round was chosen by validation balanced accuracy)"
@@ -146,9 +167,12 @@ def _summarize_global(evals: list[dict], pooled_test: Series) -> dict:
         "mode": "global",
         "final_round": final_round,
         "final": _metrics(pooled_test[final_round]),
+        "final_n": pooled_test[final_round].get("n"),
+        "final_interval": _interval([pooled_test[final_round]]),
         "selected_round": selected_round,
         "selected": None if selected_round is None else _metrics(pooled_test[selected_round]),
         "per_client_final": per_client_final,
+        "per_client_final_detail": per_client_detail,
         "mean_client_final": _mean(per_client_final.values()),
         "selection": (
             f"final: pooled-test metrics of the global model at the final round ({final_round}); {chosen}; "
@@ -157,6 +181,7 @@ def _summarize_global(evals: list[dict], pooled_test: Series) -> dict:
     }
     if per_client_local_final:
         summary["per_client_local_final"] = per_client_local_final
+        summary["per_client_local_final_detail"] = per_client_local_detail
         summary["mean_client_local_final"] = _mean(per_client_local_final.values())
     # +FT: the final global model fine-tuned at each client, on that client's test split.
     per_client_finetuned_final: dict[int, float | None] = {}
@@ -207,10 +232,13 @@ def _summarize_local(evals: list[dict]) -> dict:
         "mode": "local",
         "final_round": final_round,
         "final": final,
+        "final_n": sum(row.get("n") or 0 for row in finals.values()),
+        "final_interval": _interval(list(finals.values())),
         "selected_round": None,  # chosen per client, see per_client_selected_round
         "selected": selected,
         "per_client_selected_round": selections,
         "per_client_final": per_client_final,
+        "per_client_final_detail": {client: _detail(row) for client, row in finals.items()},
         "mean_client_final": _mean(per_client_final.values()),
         "selection": (
             "no global model: final: mean over clients of each local model's metrics on its own test split "
@@ -255,12 +283,54 @@ def format_summary_table(summary: dict, client_names: list[str] | None = None) -
     else:
         body.append(["val-selected", *("-" for _ in METRIC_KEYS)])
     parts = [format_table(header, body)]
+    if interval_line(summary):
+        parts[0] += "\n" + interval_line(summary)
 
     client_header, client_body = _client_table(summary, client_names)
     if client_body:
         parts.append(format_table(client_header, client_body))
+    detail_header, detail_body = client_interval_table(summary, client_names)
+    if detail_body:
+        parts.append(format_table(detail_header, detail_body))
     parts.append(f"selection: {summary['selection']}")
     return "\n\n".join(parts)
+
+
+def _fmt_interval(interval: list[float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def interval_line(summary: dict) -> str:
+    """The final numbers' 95% bootstrap intervals in one line ('' without confusion matrices)."""
+    from fedward.metrics import BOOTSTRAP_RESAMPLES
+
+    interval = summary.get("final_interval")
+    if not interval:
+        return ""
+    over = ("each client's own test images resampled on its own, the mean over clients"
+            if summary.get("mode") == "local" else "the pooled test images")
+    cells = ", ".join(f"{METRIC_LABELS[key]} {_fmt_interval(interval[key])}" for key in METRIC_KEYS)
+    return (f"95% interval of the final numbers: {cells} (bootstrap, {BOOTSTRAP_RESAMPLES} resamples of "
+            f"{over}; n = {summary.get('final_n')})")
+
+
+def client_interval_table(summary: dict, client_names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Each hospital's final numbers on its own test split (the global model's, or its own model's
+    for personalised methods) with their test images, 95% bootstrap intervals and macro AUROC."""
+    details = summary.get("per_client_local_final_detail") or summary.get("per_client_final_detail") or {}
+    if not any(d.get("interval") or d.get("auroc") is not None for d in details.values()):
+        return [], []  # a run written before rows carried matrices and AUROC
+    model = "local" if (summary.get("mode") == "local" or summary.get("per_client_local_final_detail")) else "global"
+    header = [f"client ({model} model, own test)", "n", "bal. acc. 95%", "accuracy 95%", "macro-F1 95%", "AUROC"]
+    body = []
+    for client in sorted(details, key=int):
+        detail = details[client]
+        interval = detail.get("interval") or {}
+        name = client_names[int(client)] if client_names and 0 <= int(client) < len(client_names) else None
+        body.append([f"{client} {name}" if name else str(client), str(detail.get("n") or "-"),
+                     *(_fmt_interval(interval.get(key)) or "-" for key in METRIC_KEYS),
+                     _fmt(detail.get("auroc"))])
+    return header, body
 
 
 def _client_table(summary: dict, client_names: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -699,9 +769,18 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
         _html_table(header, body),
         f"<p class='note'>{html.escape(summary['selection'])}</p>",
     ]
+    if interval_line(summary):
+        parts.append(f"<p class='note'>{html.escape(interval_line(summary))}</p>")
     client_header, client_body = _client_table(summary, config_value(config, "client_names"))
     if client_body:
         parts += ["<h2>Per client (balanced accuracy)</h2>", _html_table(client_header, client_body)]
+    detail_header, detail_body = client_interval_table(summary, config_value(config, "client_names"))
+    if detail_body:
+        parts += [f"<h2>Per hospital: test images, 95% intervals and AUROC (round {summary['final_round']})</h2>",
+                  _html_table(detail_header, detail_body),
+                  "<p class='note'>Intervals: percentile bootstrap over the hospital's test images. AUROC: macro "
+                  "one-vs-rest, computed where the scores are (at the hospital); a pooled AUROC would need every "
+                  "hospital's per-image scores in one place, so fedward does not report one.</p>"]
     facts = run.read_data()
     recall_header, recall_body = client_recall_table(run.read_rows(), summary, facts, config_value(config, "client_names"))
     if recall_body:
@@ -735,9 +814,11 @@ def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str 
     names = [run.name for run in runs]
     if len(set(names)) < len(names):  # same folder name under different parents
         names = [str(run.path) for run in runs]
-    header = ["run", "method", "loss", "final test BA", "val-sel. round", "val-sel. test BA", "mean client BA"]
+    header = ["run", "method", "loss", "final test BA", "95% interval", "val-sel. round", "val-sel. test BA",
+              "mean client BA"]
     body: list[list[str]] = []
     bars: list[tuple[str, float | None, float | None, float | None]] = []
+    errors: list[list[float] | None] = []
     records: list[dict[str, Any]] = []
     any_local = False
     for name, run in zip(names, runs):
@@ -751,18 +832,23 @@ def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str 
         else:
             selected_round = "-" if summary["selected_round"] is None else str(summary["selected_round"])
         final_ba = summary["final"]["balanced_accuracy"]
+        interval = (summary.get("final_interval") or {}).get("balanced_accuracy")
         body.append([
             name,
             str(config_value(config, "method") or "-"),
             str(config_value(config, "loss_fn_name") or "-"),
             _fmt(final_ba) + ("*" if local else ""),
+            _fmt_interval(interval).replace(" ", "") or "-",
             selected_round,
             _fmt(selected_ba),
             _fmt(summary["mean_client_final"]),
         ])
         bars.append((name, final_ba, selected_ba, summary["mean_client_final"]))
+        errors.append(interval)
         records.append({"run": name, "path": str(run.path.resolve()), "method": body[-1][1], "loss": body[-1][2],
-                        "final_test_ba": final_ba, "model": "local (mean over clients)" if local else "global",
+                        "final_test_ba": final_ba, "final_test_ba_low": interval[0] if interval else None,
+                        "final_test_ba_high": interval[1] if interval else None,
+                        "model": "local (mean over clients)" if local else "global",
                         "val_selected_round": selected_round, "val_selected_test_ba": selected_ba,
                         "mean_client_ba": summary["mean_client_final"]})
     note = "* no global model: mean over clients of each local model's balanced accuracy on its own test split"
@@ -772,7 +858,7 @@ def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str 
 
     target = Path(out_dir) if out_dir is not None else runs[0].path.resolve().parent
     target.mkdir(parents=True, exist_ok=True)
-    png = _png_bytes(comparison_figure(bars))
+    png = _png_bytes(comparison_figure(bars, errors))
     atomic_write_bytes(target / COMPARISON_PNG, png)
     with io.StringIO() as text:
         writer = csv.DictWriter(text, fieldnames=list(records[0]), lineterminator="\n")
@@ -791,8 +877,10 @@ def compare(run_dirs: list[RunDirectory | str | os.PathLike[str]], out_dir: str 
     return table
 
 
-def comparison_figure(bars: list[tuple[str, float | None, float | None, float | None]]) -> Any:
-    """Grouped bars per run: final test BA, val-selected test BA, mean client BA."""
+def comparison_figure(bars: list[tuple[str, float | None, float | None, float | None]],
+                      intervals: list[list[float] | None] | None = None) -> Any:
+    """Grouped bars per run: final test BA (with its 95% bootstrap interval where known),
+    val-selected test BA, mean client BA."""
     figure = _figure(max(6.0, 1.6 * len(bars) + 2), 4)
     ax = figure.subplots()
     labels = ("final test BA", "val-selected test BA", "mean client BA")
@@ -800,7 +888,12 @@ def comparison_figure(bars: list[tuple[str, float | None, float | None, float | 
     for k, label in enumerate(labels):
         xs = [i + (k - 1) * width for i in range(len(bars))]
         heights = [0.0 if bar[k + 1] is None else bar[k + 1] for bar in bars]
-        ax.bar(xs, heights, width=width, label=label, color=f"C{k}")
+        yerr = None
+        if k == 0 and intervals and any(intervals):
+            # clamped: a percentile interval need not contain its estimate
+            yerr = [[max(0.0, h - i[0]) if i else 0.0 for h, i in zip(heights, intervals)],
+                    [max(0.0, i[1] - h) if i else 0.0 for h, i in zip(heights, intervals)]]
+        ax.bar(xs, heights, width=width, label=label, color=f"C{k}", yerr=yerr, capsize=3 if yerr else 0)
     ax.set_xticks(range(len(bars)), labels=[bar[0] for bar in bars], rotation=20, ha="right")
     ax.set_ylabel("balanced accuracy")
     ax.set_title("Test balanced accuracy per run (pooled test; local runs: mean over clients)")
