@@ -166,6 +166,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     report = subparsers.add_parser("report", help="summarise and plot one or more run directories")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="folder for the comparison plot (default: beside the first run)")
+    dashboard = subparsers.add_parser(
+        "dashboard", help="a live web view of runs (TensorBoard): curves, participation, aggregation weights",
+        description="Serve TensorBoard over run directories (or folders of runs) on this machine; it follows "
+                    "runs that are still writing.")
+    dashboard.add_argument("run_dirs", nargs="*", default=["runs"], metavar="RUN_DIR",
+                           help="run directories or folders of runs (default: runs)")
+    dashboard.add_argument("--port", type=int, default=6006, help="port (default: 6006)")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default: 127.0.0.1, this machine only)")
     subparsers.add_parser("models", help="list the registered models")
     methods = subparsers.add_parser("methods", help="list the registered methods and data sets")
     methods.add_argument("--markdown", action="store_true", help="every option as Markdown tables (docs/options.md)")
@@ -425,6 +434,13 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_dashboard(args: argparse.Namespace) -> int:
+    from fedward.tracking.dashboard import serve
+
+    serve(args.run_dirs, host=args.host, port=args.port)
+    return 0
+
+
 def command_methods(args: argparse.Namespace) -> int:
     from fedward import catalog
 
@@ -608,13 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _reject_dead_flags(unknown)
         handler = {"run": command_run, "report": command_report, "models": command_models, "methods": command_methods,
                    "prior": command_prior, "data": command_data, "flower": command_flower,
-                   "reproduce": command_reproduce}[args.command]
+                   "reproduce": command_reproduce, "dashboard": command_dashboard}[args.command]
         with _warnings_as_log_lines():
             return handler(args)
     except FedwardError as err:
         print(f"fedward: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command == "dashboard":
+            return 0
         resume = getattr(args, "resume", None)
         hint = f"; continue with: fedward run --resume {resume}" if resume else ""
         print(f"\nfedward: interrupted{hint}", file=sys.stderr)

@@ -238,6 +238,8 @@ def tensorboard_scalars(row: dict, client_names: list[str] | None = None,
     scope = row.get("scope")
     if scope == "aggregation":
         return _aggregation_scalars(row, client_names)
+    if scope == "participation":  # 1: its reply was used; 0: dropped or rejected (the reason is in metrics.jsonl)
+        return [(f"participation/{_label(row['client'], client_names, 'client')}", float(row.get("status") == "ok"))]
     if scope in EVAL_SCOPES:
         model, data = row_kind(row)
         client = row.get("client")
