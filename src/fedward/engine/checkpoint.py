@@ -7,7 +7,7 @@ so a resumed round draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,21 +19,22 @@ FORMAT_VERSION = 1
 
 # What a resumed run may change: how it reports progress, whether it keeps its checkpoint, and its
 # folder (a run directory may be moved). comm_round may grow (a longer run), never shrink.
-RESUME_MAY_CHANGE = ("output", "progress", "quiet", "verbose", "keep_checkpoint")
+RESUME_MAY_CHANGE = ("output", "progress", "quiet", "verbose", "keep_checkpoint", "states_in_memory")
 
 
 def path_of(run_dir: RunDirectory):
     return run_dir.checkpoints_dir / "last.pt"
 
 
-def save(run_dir: RunDirectory, *, round: int, global_state, client_states, server_state, num_classes: int,
+def save(run_dir: RunDirectory, *, round: int, global_state, server_state, num_classes: int,
          settings: dict[str, Any]) -> None:
     """Write the checkpoint atomically (a crash mid-write leaves the previous one intact), with the
-    settings it was trained under (a resume under other settings is refused)."""
+    settings it was trained under (a resume under other settings is refused). The clients' states
+    are not in it: they are in checkpoints/clients/ (``fedward.engine.client_states``), or on the
+    clients' own machines on Flower. Older checkpoints held them as ``client_states``."""
     run_dir.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, "round": round, "global_state": global_state,
-               "client_states": client_states, "server_state": server_state, "num_classes": num_classes,
-               "settings": settings}
+               "server_state": server_state, "num_classes": num_classes, "settings": settings}
     atomic_torch_save(payload, path_of(run_dir))
 
 
@@ -100,12 +101,15 @@ class BackgroundSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, run_dir: RunDirectory, **payload: Any) -> None:
+    def submit(self, run_dir: RunDirectory, *, on_saved: Callable[[int], None] | None = None, **payload: Any) -> None:
+        """Write a checkpoint; ``on_saved(round)`` runs in the writing thread once it is on disk."""
         self.wait()
 
         def work() -> None:
             try:
                 save(run_dir, **payload)
+                if on_saved is not None:
+                    on_saved(payload["round"])
             except BaseException as err:  # surfaced by the next wait()
                 self._error = err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
@@ -22,10 +23,17 @@ class SequentialExecutor:
     def __init__(self, sim: "Simulation"):
         self.sim = sim
 
-    def run(self, tasks: list["ClientTask"], *, evaluate_local: bool, progress: bool) -> list["ClientResult"]:
-        bar = tqdm(tasks, desc="clients", unit="client", leave=False, disable=not progress or len(tasks) < 2,
+    def run(self, tasks: Iterable["ClientTask"], count: int, *, evaluate_local: bool, progress: bool,
+            on_result: Callable[["ClientResult"], None]) -> list["ClientResult"]:
+        """Each task as it comes from ``tasks`` (so only one client's state is read at a time);
+        ``on_result`` takes each result when its client is done."""
+        bar = tqdm(tasks, total=count, desc="clients", unit="client", leave=False, disable=not progress or count < 2,
                    dynamic_ncols=True)
-        return [self.sim.run_client(task, evaluate_local) for task in bar]
+        results = []
+        for task in bar:
+            results.append(self.sim.run_client(task, evaluate_local))
+            on_result(results[-1])
+        return results
 
     def close(self) -> None:
         pass
@@ -60,14 +68,18 @@ class PoolExecutor:
         self.pools = [ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker,
                                           initargs=(cfg.to_dict(), data, device, threads)) for device in devices]
 
-    def run(self, tasks: list["ClientTask"], *, evaluate_local: bool, progress: bool) -> list["ClientResult"]:
+    def run(self, tasks: Iterable["ClientTask"], count: int, *, evaluate_local: bool, progress: bool,
+            on_result: Callable[["ClientResult"], None]) -> list["ClientResult"]:
+        """Every task submitted at once (the round's states travel to the workers), the results
+        taken in order."""
         futures = [self.pools[i % len(self.pools)].submit(_run_in_worker, task, evaluate_local)
                    for i, task in enumerate(tasks)]
-        bar = tqdm(total=len(tasks), desc="clients", unit="client", leave=False, disable=not progress,
+        bar = tqdm(total=count, desc="clients", unit="client", leave=False, disable=not progress,
                    dynamic_ncols=True)
         results = []
         for future in futures:
             results.append(future.result())
+            on_result(results[-1])
             bar.update(1)
         bar.close()
         return results

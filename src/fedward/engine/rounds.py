@@ -58,8 +58,8 @@ class Clients(Protocol):
     def finetuned(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
         """+FT: each reachable client's fine-tuned copy of the global model on its val and test splits."""
 
-    def client_states(self) -> list[dict[str, Any]]:
-        """The client states to checkpoint ([] when they are kept on the clients' machines)."""
+    def checkpointed(self, round_index: int) -> None:
+        """The checkpoint of ``round_index`` is on disk (the client states it stands for may be pruned)."""
 
     def min_replies(self, selected: int) -> int:
         """The fewest usable replies a round of ``selected`` clients may aggregate."""
@@ -186,8 +186,8 @@ class RoundLoop:
                 self.run_dir.log_rows(rows)
                 if round_index % cfg.checkpoint_every == 0 or round_index == cfg.comm_round:
                     saver.submit(self.run_dir, round=round_index, global_state=global_state,
-                                 client_states=list(self.clients.client_states()), server_state=dict(server_state),
-                                 num_classes=self.spec.num_classes, settings=cfg.to_dict())
+                                 server_state=dict(server_state), num_classes=self.spec.num_classes,
+                                 settings=cfg.to_dict(), on_saved=self.clients.checkpointed)
                 summary = round_summary(rows, seconds)
                 if self.progress:
                     bar.set_postfix(summary)

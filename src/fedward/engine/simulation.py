@@ -8,7 +8,9 @@ with exactly the metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,7 @@ from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
 from fedward.engine import checkpoint as ckpt
+from fedward.engine.client_states import CLIENT_STATES_FOLDER, ClientStateStore
 from fedward.engine.evaluation import PredictionBlock, Predictions, predict
 from fedward.engine.rounds import Outcome, RoundLoop
 from fedward.engine.setup import (
@@ -208,20 +211,26 @@ def data_facts(cfg: RunConfig, data: FederatedData) -> dict[str, Any]:
 
 
 class SimulationClients:
-    """The clients of an in-process run: an executor runs their updates, their states stay here."""
+    """The clients of an in-process run: an executor runs their updates, their states stay in a
+    store on disk with a few in memory."""
 
-    def __init__(self, sim: Simulation, executor, client_states: list[dict[str, Any]], progress: bool):
-        self.sim, self.executor, self.states, self.progress = sim, executor, client_states, progress
+    def __init__(self, sim: Simulation, executor, store: ClientStateStore, progress: bool):
+        self.sim, self.executor, self.store, self.progress = sim, executor, store, progress
 
     def client_ids(self) -> list[int]:
         return [c.client_id for c in self.sim.training_clients]
 
     def train(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
-        tasks = [ClientTask(round_index, k, self.sim.algorithm.client_message(message, k), self.states[k])
-                 for k in client_ids]
-        results = self.executor.run(tasks, evaluate_local=evaluate_local, progress=self.progress)
-        for result in results:
-            self.states[result.reply.client_id] = result.state
+        # A generator: one executor at a time reads a state just before its client trains.
+        tasks = (ClientTask(round_index, k, self.sim.algorithm.client_message(message, k), self.store.get(k))
+                 for k in client_ids)
+
+        def keep(result: ClientResult) -> None:  # stored as it comes, so a round holds few states at once
+            self.store.put(result.reply.client_id, round_index, result.state)
+            result.state = None
+
+        results = self.executor.run(tasks, len(client_ids), evaluate_local=evaluate_local, progress=self.progress,
+                                    on_result=keep)
         return [Outcome(r.reply.client_id, r.reply, r.rows, predictions=r.predictions) for r in results]
 
     def evaluate(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
@@ -230,8 +239,8 @@ class SimulationClients:
     def finetuned(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
         return self.sim.finetuned_predictions(global_state)
 
-    def client_states(self) -> list[dict[str, Any]]:
-        return self.states
+    def checkpointed(self, round_index: int) -> None:
+        self.store.commit(round_index)
 
     def min_replies(self, selected: int) -> int:
         return selected  # in one process every client answers; a rejected reply stops the run
@@ -275,19 +284,23 @@ def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, r
     data = data if data is not None else load_data(cfg)
     sim = Simulation(cfg, data, devices[0])
     algorithm = sim.algorithm
-    n_clients = len(sim.training_clients)
 
+    store = ClientStateStore(run_dir.checkpoints_dir / CLIENT_STATES_FOLDER,
+                             [c.client_id for c in sim.training_clients], cfg.states_in_memory)
     if resume:
         saved = ckpt.load(run_dir, expected_num_classes=sim.spec.num_classes, settings=cfg.to_dict())
-        start_round, global_state = saved["round"], saved["global_state"]
-        client_states, server_state = saved["client_states"], saved["server_state"]
+        start_round, global_state, server_state = saved["round"], saved["global_state"], saved["server_state"]
+        store.rewind(start_round)
+        for k, state in enumerate(saved.get("client_states") or []):  # a checkpoint from before the store
+            store.put(k, start_round, state)
         run_dir.truncate_rounds_after(start_round)
         notice(f"resuming {run_dir.path} after round {start_round} of {cfg.comm_round}")
     else:
         global_state, notices = initial_global_state(cfg, sim.build_model)
         for line in notices:
             notice(line)
-        start_round, client_states = 0, [{} for _ in range(n_clients)]
+        start_round = 0
+        store.rewind(0)  # a folder started over: no state of an earlier run
         server_state = algorithm.initial_server_state(global_state)
 
     executor = make_executor(cfg, data, devices, sim)
@@ -297,13 +310,13 @@ def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, r
     for line in startup_lines(cfg, data, sim, devices, threads, run_dir):
         notice(line)
     bars = cfg.progress and sys.stderr.isatty()  # a piped or captured stderr gets the lines only
-    clients = SimulationClients(sim, executor, client_states, bars)
+    clients = SimulationClients(sim, executor, store, bars)
     loop = RoundLoop(cfg, algorithm, sim.spec, run_dir, clients, log=notice, progress=bars)
     try:
         global_state = loop.run(start_round, global_state, server_state, on_round_end=on_round_end)
     finally:
         executor.close()
-    return finish(cfg, run_dir, sim, global_state, client_states)
+    return finish(cfg, run_dir, sim, global_state, (store.get(k) for k in store.client_ids))
 
 
 def model_meta(cfg: RunConfig, spec: TaskSpec, model: str) -> dict[str, Any]:
@@ -323,7 +336,7 @@ def client_model_payload(cfg: RunConfig, spec: TaskSpec, algorithm: Algorithm, c
 
 
 def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
-           client_states: list[dict[str, Any]] | None) -> dict[str, Any]:
+           client_states: Iterable[dict[str, Any]] | None) -> dict[str, Any]:
     """Final model(s), results.json and the report. ``client_states`` None: the personalised models
     are on the clients' own machines (Flower), not here."""
     if sim.algorithm.personalised:
@@ -345,6 +358,7 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
     write_report(run_dir)
     if not cfg.keep_checkpoint:
         (run_dir.checkpoints_dir / "last.pt").unlink(missing_ok=True)
+        shutil.rmtree(run_dir.checkpoints_dir / CLIENT_STATES_FOLDER, ignore_errors=True)
     return summary
 
 

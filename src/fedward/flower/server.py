@@ -281,8 +281,8 @@ class Coordinator:
     def min_replies(self, selected: int) -> int:
         return min(self.settings.min_clients or selected, selected)
 
-    def client_states(self) -> list[dict[str, Any]]:
-        return []  # each client's state is on its node
+    def checkpointed(self, round_index: int) -> None:
+        pass  # each client's state is on its node, which keeps its last rounds
 
     def train(self, round_index: int, message, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
         wanted = set(client_ids)
