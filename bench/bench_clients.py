@@ -1,6 +1,9 @@
 """Many clients in bounded memory: peak memory and round time of a FedAvg run with Adam (each
 client keeps its optimizer moments between rounds) at 10, 50 and 200 clients, 10 of them training
-each round, on the built-in data split by Dirichlet (alpha 1), at 32 px.
+each round, on the built-in data split by Dirichlet (alpha 1), at 32 px. The data grow with the
+clients (``data_scale`` = clients / 200), so that a client holds about as many images (~90 train)
+at every size and a round's work is the same: what may grow is only what the clients that do not
+train cost.
 
 Each run is a fresh process (its peak RSS is the run's). ``states_in_memory`` 16 is the default
 (the other states live in checkpoints/clients/); ``all`` keeps every client's state in memory, as
@@ -32,7 +35,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 
 def one(model: str, clients: int, in_memory: int, rounds: int, folder: Path) -> dict:
-    settings = dict(method="fedavg", model=model, image_size=32, data_scale=1.0, client_number=clients,
+    settings = dict(method="fedavg", model=model, image_size=32, data_scale=clients / 200, client_number=clients,
                     partition_method="hetero", partition_alpha=1.0, clients_per_round=10, comm_round=rounds,
                     epochs=1, batch_size=32, adam=True, lr=1e-3, eval_every=0, threads=0, progress=False, quiet=True,
                     states_in_memory=in_memory, output=str(folder / f"{model}-{clients}-{in_memory}"))

@@ -103,17 +103,21 @@ def test_blur_scale_shrinks_kernel_and_sigma():
     assert augment.kernel_size == (3, 5) and augment.sigma == pytest.approx((0.05, 2.5))
 
 
-def test_rotation_by_90_degrees_matches_rot90_inside():
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
+def test_rotation_by_90_degrees_matches_rot90_inside(backend):
     image = torch.randint(0, 256, (2, 3, 7, 7), dtype=torch.uint8, generator=gen(1))
     for degrees, turns in ((90.0, 1), (-90.0, -1)):
-        out = BatchAugment(hflip=False, vflip=False, blur=False, degrees=(degrees, degrees), **IDENTITY_NORM)(image, gen())
+        out = BatchAugment(hflip=False, vflip=False, blur=False, degrees=(degrees, degrees), backend=backend,
+                           **IDENTITY_NORM)(image, gen())
         expected = torch.rot90(image.float() / 255, turns, dims=(-2, -1))
         torch.testing.assert_close(out[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], atol=1e-4, rtol=0)
 
 
-def test_small_rotation_fills_corners_with_black():
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
+def test_small_rotation_fills_corners_with_black(backend):
     image = torch.full((1, 3, 32, 32), 200, dtype=torch.uint8)
-    out = BatchAugment(hflip=False, vflip=False, blur=False, degrees=(10.0, 10.0), **IDENTITY_NORM)(image, gen())
+    out = BatchAugment(hflip=False, vflip=False, blur=False, degrees=(10.0, 10.0), backend=backend,
+                       **IDENTITY_NORM)(image, gen())
     assert out[0, :, 0, 0].max().item() < 0.2  # corner rotated out of the picture
     torch.testing.assert_close(out[0, :, 16, 16], torch.full((3,), 200 / 255))
 
@@ -131,6 +135,19 @@ def test_fused_batch_equals_the_ops_applied_one_by_one():
     mean, std = torch.tensor(augment.mean)[:, None, None], torch.tensor(augment.std)[:, None, None]
     torch.testing.assert_close(augment(images, gen(8)), (step - mean) / std, atol=1e-5, rtol=0)
     assert params["hflip"].any() and not params["hflip"].all()
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 12, 10), (4, 3, 33, 33), (2, 3, 64, 48)])
+def test_the_opencv_backend_gives_the_batched_ops_result(shape):
+    """Same parameters, same ops: OpenCV's blur (reflect-101 border) and bilinear warp about the
+    pixel-centre midpoint equal the batched matmul blur and grid_sample up to float rounding."""
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen(5))
+    batched = BatchAugment(sigma=(0.5, 3.0), backend="torch")(images, gen(3))
+    per_image = BatchAugment(sigma=(0.5, 3.0), backend="opencv")(images, gen(3))
+    assert per_image.shape == batched.shape and per_image.dtype == torch.float32
+    torch.testing.assert_close(per_image, batched, atol=5e-4, rtol=0)
+    with pytest.raises(ConfigError, match="backend must be one of torch, opencv"):
+        BatchAugment(backend="kornia")
 
 
 def test_same_seed_same_output_other_seed_differs():

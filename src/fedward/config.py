@@ -22,6 +22,8 @@ from fedward.options import (
     NON_NEGATIVE, POSITIVE, as_dict, at_least, build_options, check_value, coerce, default_of, option, option_fields,
 )
 
+AUGMENT_BACKENDS = ("torch", "opencv")  # fedward.data.augment.BatchAugment(backend=...)
+
 PARTITION_METHODS = ("natural", "homo", "iid", "hetero", "dirichlet", "pathological")
 # Keys a run directory's config.yaml carries for information; a config file may hold them.
 INFO_KEYS = ("class_names", "client_names", "fedward_version")
@@ -80,6 +82,10 @@ class RunConfig:
     stem: str = option("imagenet", "ResNet stem: imagenet (torchvision), medium, small, or auto (by image size: finer "
                                    "and slower for small images)", choices=("auto", "imagenet", "medium", "small"))
     augment: bool = option(True, "batched train augmentation of the reference (flips, blur, rotation)")
+    augment_backend: str = option("auto", "who applies --augment's ops (same parameters, same ops, equal up to float "
+                                          "rounding): torch (batched tensor ops), opencv (per image; several times "
+                                          "faster on a CPU), or auto: opencv on a CPU, torch on a GPU",
+                                  choices=("auto", *AUGMENT_BACKENDS))
     # The reference blurs the ~1024 px ISIC original before resizing to 224 (an effective scale of
     # about 224/1024); None: image_size / 1024, the same relative blur.
     blur_scale: float | None = option(None, "blur sigma/kernel factor (default image_size/1024: the reference's blur "

@@ -32,6 +32,14 @@ def notice(message: str) -> None:
 def resolve_devices(cfg: RunConfig) -> list[str]:
     """One worker per listed device. ``--devices`` wins; else ``--gpu`` ids when CUDA is present;
     else the CPU (with a notice when GPUs were asked for)."""
+    devices = _devices(cfg)
+    if cfg.augment and cfg.augment_backend == "opencv" and any(d != "cpu" for d in devices):
+        raise ConfigError(f"--augment_backend opencv works on the CPU, but this run trains on {', '.join(devices)}; "
+                          "use --augment_backend torch or auto")
+    return devices
+
+
+def _devices(cfg: RunConfig) -> list[str]:
     if cfg.devices:
         for device in cfg.devices:
             try:

@@ -84,10 +84,19 @@ class Simulation:
         if self._workspace is None:
             mean, std = self.spec.mean, self.spec.std
             blur_scale = self.cfg.blur_scale or self.spec.image_size / 1024
-            augment = (BatchAugment(mean=mean, std=std, blur_scale=blur_scale) if self.cfg.augment
-                       else _Normalize(mean, std))
+            augment = (BatchAugment(mean=mean, std=std, blur_scale=blur_scale, backend=self.augment_backend)
+                       if self.cfg.augment else _Normalize(mean, std))
             self._workspace = Workspace(self.build_model, self.device, augment)
         return self._workspace
+
+    @property
+    def augment_backend(self) -> str:
+        """``--augment_backend``, with auto resolved for this worker's device (chosen by
+        ``bench/bench_augment.py``: OpenCV's per-image kernels beat batched torch ops on a CPU at
+        every size measured; on a GPU the batch stays on the device)."""
+        if self.cfg.augment_backend != "auto":
+            return self.cfg.augment_backend
+        return "opencv" if self.device.type == "cpu" else "torch"
 
     def run_client(self, task: ClientTask, evaluate_local: bool) -> ClientResult:
         """One client's update (and, when asked, the evaluation of its local model on its splits)."""
