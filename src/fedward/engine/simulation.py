@@ -296,6 +296,11 @@ def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, r
 
     store = ClientStateStore(run_dir.checkpoints_dir / CLIENT_STATES_FOLDER,
                              [c.client_id for c in sim.training_clients], cfg.states_in_memory)
+    if resume and not ckpt.path_of(run_dir).is_file() and run_dir.config_path.is_file():
+        # Stopped before its first checkpoint: its start is its config, so resuming is starting again.
+        notice(f"{run_dir.path} has no checkpoint yet (it stopped in round 1): starting it again from round 0")
+        run_dir.truncate_rounds_after(0)
+        resume = False
     if resume:
         saved = ckpt.load(run_dir, expected_num_classes=sim.spec.num_classes, settings=cfg.to_dict())
         start_round, global_state, server_state = saved["round"], saved["global_state"], saved["server_state"]
