@@ -30,7 +30,8 @@ from fedward.errors import ConfigError, FedwardError  # noqa: E402
 from fedward.flower import app as flower_app  # noqa: E402
 from fedward.flower import launch  # noqa: E402
 from fedward.engine.replies import reply_problem  # noqa: E402
-from fedward.flower.client_app import app as client_app, apply_drill  # noqa: E402
+from fedward.flower.client_app import app as client_app  # noqa: E402
+from fedward.flower.handlers import apply_drill  # noqa: E402
 from fedward.flower.node import NodeSettings, NodeStateStore, load_node_data  # noqa: E402
 from fedward.flower.records import (  # noqa: E402
     decode_reply, decode_server_message, encode_reply, encode_server_message, spec_from_json, spec_to_json,
@@ -531,3 +532,82 @@ def test_supernode_authentication_needs_tls_and_real_key_files(tmp_path):
     assert command[-2:] == ["--auth-supernode-private-key", str(keys["node-0.key"].resolve())]
     before = keys["node-0.key"].read_bytes()
     assert generate_node_keys(tmp_path, range(2))["node-0.key"].read_bytes() == before  # kept, never overwritten
+
+
+# -- the warm node worker ---------------------------------------------------------------------------
+def _start_worker(path, parent_pid=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "fedward.flower.worker", "--socket", str(path),
+                             "--parent-pid", str(parent_pid or os.getpid())])
+
+
+def _wait_for_socket(path, process, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_nodes_with_warm_workers_give_the_simulations_run(tiny_values, tmp_path, task_identity):
+    """The ClientApp hands every message to its node's worker process (pickled records over a Unix
+    socket): the run equals the simulation's, and a worker's error reaches the ClientApp as itself."""
+    from fedward.flower.worker import WORKER_KEY, forward, socket_path
+
+    cfg = build_config(applicable({**tiny_values, "method": "fedavg", "client_number": 3, "partition_method": "iid"}))
+    sockets = [socket_path(90000 + k) for k in range(3)]
+    workers = [_start_worker(path) for path in sockets]
+    try:
+        for path, process in zip(sockets, workers):
+            _wait_for_socket(path, process)
+        nodes = {101 + k: {"client-id": k, "state-dir": str(tmp_path / "nodes"), WORKER_KEY: str(sockets[k])}
+                 for k in range(3)}
+        run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
+                      **launch.run_config_overrides(cfg, run_dir=tmp_path / "flower-run", resume=False, min_clients=0,
+                                                    round_timeout=60, join_timeout=60)}
+        grid = LoopbackGrid(nodes, run_config)
+        settings = ServerSettings.from_run_config(run_config, cfg)
+        settings.poll_interval = 0.01
+        coordinator = Coordinator(grid, cfg, settings, log=lambda line: None)
+        coordinator.run()
+        flower_model = torch.load(coordinator.run_dir.final_model_path, weights_only=False)["state_dict"]
+        sim_model, _ = simulation_model(cfg, tmp_path)
+        assert all(torch.equal(flower_model[k], sim_model[k]) for k in sim_model)
+        assert sorted(p.name for p in (tmp_path / "nodes").glob("*/client-1/predictions_*.csv")) == ["predictions_global.csv"]
+        with pytest.raises(ConfigError, match="no client-id"):  # raised in the worker, re-raised here
+            forward(str(sockets[0]), "query", RecordDict(), run_config, {})
+        assert forward(str(tmp_path / "no-worker.sock"), "query", RecordDict(), run_config, {}) is None
+    finally:
+        for process in workers:
+            process.kill()
+            process.wait()
+
+
+def test_a_worker_ends_with_its_supernode(tmp_path):
+    """The worker watches the SuperNode's pid (its parent): once the parent is gone it exits."""
+    import subprocess
+    import sys
+
+    from fedward.flower.worker import socket_path
+
+    path = socket_path(90100)
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, os, time; "
+        f"subprocess.Popen([sys.executable, '-m', 'fedward.flower.worker', '--socket', {str(path)!r}, "
+        "'--parent-pid', str(os.getpid())]); time.sleep(60)")])
+    try:
+        _wait_for_socket(path, parent)
+    finally:
+        parent.kill()
+        parent.wait()
+    import time
+
+    deadline = time.monotonic() + 30
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not path.exists()  # it removed its socket on the way out

@@ -120,6 +120,9 @@ def _add_flower_parser(subparsers, shown: dict[str, str | None]) -> None:
     node.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
     node.add_argument("--auth-key", metavar="FILE", help="this node's private key (node-<k>.key from `fedward flower "
                                                          "certs --nodes`) for a SuperLink started with --auth")
+    node.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
+                      help="run the node's messages in one warm process beside the SuperNode instead of a fresh "
+                           "ClientApp process each (default: on)")
 
     register = actions.add_parser("register-node", help="allow a SuperNode's public key on a SuperLink started with --auth")
     register.add_argument("public_key", metavar="FILE", help="the node's public key (node-<k>.pub)")
@@ -376,10 +379,16 @@ def command_flower(args: argparse.Namespace) -> int:
 
         home = Path(state_dir or default_state_dir()) / "flower-home" / f"client-{args.client_id}"
         env = launch.flower_env(None if "FLWR_HOME" in os.environ else home)
-        launch.exec_command(launch.supernode_command(
+        from fedward.flower.worker import socket_path
+
+        worker = str(socket_path(os.getpid())) if args.warm_worker else None  # exec keeps this pid
+        command = launch.supernode_command(
             superlink=args.superlink, client_id=args.client_id, data=args.data, state_dir=state_dir, port=args.port,
             ca_cert=args.ca_cert, insecure=args.insecure, device=args.device, prior_path=args.prior_path,
-            auth_key=args.auth_key), env)
+            auth_key=args.auth_key, worker_socket=worker)  # checks every flag before anything starts
+        if worker:
+            launch.start_worker(worker, env)
+        launch.exec_command(command, env)
     # run
     flags = {k: v for k, v in vars(args).items() if k in all_setting_names()}
     resume = getattr(args, "resume", None)

@@ -23,6 +23,7 @@ from fedward.errors import ConfigError
 from fedward.flower import DEFAULT_NODE_PORT, DEFAULT_PORT  # noqa: F401  (re-exported for the CLI)
 from fedward.flower.app import write_app
 from fedward.flower.tls import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedward.flower.worker import WORKER_KEY
 
 CONNECTION = "fedward"
 
@@ -83,10 +84,11 @@ def _toml_string(value: str) -> str:
 
 
 def node_config(*, client_id: int, data: str | None, state_dir: str | None, device: str | None,
-                prior_path: str | None) -> str:
+                prior_path: str | None, worker_socket: str | None = None) -> str:
     """The ``--node-config`` string a fedward node reads (see :mod:`fedward.flower.node`)."""
     items = [f"client-id={int(client_id)}"]
-    for key, value in (("data-dir", data), ("state-dir", state_dir), ("device", device), ("prior-path", prior_path)):
+    for key, value in (("data-dir", data), ("state-dir", state_dir), ("device", device), ("prior-path", prior_path),
+                       (WORKER_KEY, worker_socket)):
         if value:
             path_like = key != "device"
             items.append(f"{key}={_toml_string(str(Path(value).resolve()) if path_like else value)}")
@@ -95,13 +97,14 @@ def node_config(*, client_id: int, data: str | None, state_dir: str | None, devi
 
 def supernode_command(*, superlink: str, client_id: int, data: str | None, state_dir: str | None, port: int,
                       ca_cert: str | None, insecure: bool, device: str | None = None,
-                      prior_path: str | None = None, auth_key: str | None = None) -> list[str]:
+                      prior_path: str | None = None, auth_key: str | None = None,
+                      worker_socket: str | None = None) -> list[str]:
     _tls_pair(insecure, ca_cert, "--ca-cert FILE (the ca.crt the SuperLink's certificate is signed with)")
     if data and not Path(data).exists():
         raise ConfigError(f"--data {data} does not exist on this machine")
     command = [executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
                "--node-config", node_config(client_id=client_id, data=data, state_dir=state_dir, device=device,
-                                            prior_path=prior_path)]
+                                            prior_path=prior_path, worker_socket=worker_socket)]
     if ca_cert:
         if not Path(ca_cert).is_file():
             raise ConfigError(f"--ca-cert {ca_cert} is not a file")
@@ -114,6 +117,13 @@ def supernode_command(*, superlink: str, client_id: int, data: str | None, state
                               "`fedward flower certs DIR --nodes N`)")
         command += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     return command
+
+
+def start_worker(path: str, env: dict[str, str]) -> None:
+    """Start the warm message worker of the SuperNode this process is about to become (``exec``
+    keeps the pid, which the worker watches, and the process group, so a group kill ends both)."""
+    subprocess.Popen([sys.executable, "-m", "fedward.flower.worker", "--socket", path,
+                      "--parent-pid", str(os.getpid())], env=env)
 
 
 def exec_command(command: Sequence[str], env: dict[str, str]) -> None:
