@@ -4,7 +4,9 @@ Three ways, side by side in one run (3 clients, fedavg, the small CNN at 32 px, 
 - ``simulation``: `fedward run`'s in-process engine (the compute itself);
 - ``flower-simulation``: `fedward flower run --simulation 3` (Flower's Ray runtime, one machine);
 - ``deployment``: a SuperLink and three SuperNodes on 127.0.0.1 (separate processes, plain HTTP),
-  `fedward flower run`.
+  `fedward flower run`, each node's messages run by its warm worker (the default);
+- ``deployment, no warm worker``: the same with ``--no-warm-worker``: a fresh ClientApp process per
+  message imports torch and fedward and loads the node's data.
 Per-round times exclude round 1 (it includes the handshake and first data loading) and the final
 round (it adds the evaluation); the median of the others is reported. Where the overhead goes is
 estimated from its parts: the start of a ClientApp process (measured here: Python + torch +
@@ -60,7 +62,7 @@ def flower_rounds(command: list[str]) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(3)) for m in ROUND_LINE.finditer(result.stdout + result.stderr)}
 
 
-def deployment_rounds(values: dict, folder: Path) -> dict[int, float]:
+def deployment_rounds(values: dict, folder: Path, *node_flags: str) -> dict[int, float]:
     from fedward.flower.launch import free_port
 
     port = free_port()
@@ -74,9 +76,9 @@ def deployment_rounds(values: dict, folder: Path) -> dict[int, float]:
         time.sleep(2)
         for k in range(3):
             start([*FEDWARD, "flower", "supernode", "--superlink", f"127.0.0.1:{port}", "--client-id", str(k),
-                   "--state-dir", str(folder / "nodes"), "--port", str(free_port()), "--insecure"])
+                   "--state-dir", str(folder / "nodes"), "--port", str(free_port()), "--insecure", *node_flags])
         return flower_rounds([*FEDWARD, "flower", "run", "--superlink", f"127.0.0.1:{port}", "--insecure",
-                              "--output", str(folder / "deployment"), *flags(values)])
+                              "--output", str(folder / f"deployment{'-'.join(node_flags)}"), *flags(values)])
     finally:
         for process in processes:
             try:
@@ -113,10 +115,12 @@ def run(quick: bool = False) -> list[dict]:
         flower_sim = flower_rounds([*FEDWARD, "flower", "run", "--simulation", "3", "--output",
                                     str(folder / "flower-simulation"), *flags(values)])
         deployment = deployment_rounds(values, folder)
+        cold = deployment_rounds(values, folder, "--no-warm-worker")
     start = clientapp_start_seconds()
     rows = []
     base = statistics.median(middle_rounds(simulation, rounds))
-    for name, times in (("simulation", simulation), ("flower-simulation", flower_sim), ("deployment", deployment)):
+    for name, times in (("simulation", simulation), ("flower-simulation", flower_sim), ("deployment", deployment),
+                        ("deployment, no warm worker", cold)):
         per_round = statistics.median(middle_rounds(times, rounds))
         rows.append({"bench": "flower_round", "engine": name, "round_s": round(per_round, 2),
                      "overhead_s": round(per_round - base, 2), "ratio": round(per_round / base, 1),
