@@ -83,8 +83,8 @@ class RunConfig:
                                    "and slower for small images)", choices=("auto", "imagenet", "medium", "small"))
     augment: bool = option(True, "batched train augmentation of the reference (flips, blur, rotation)")
     augment_backend: str = option("auto", "who applies --augment's ops (same parameters, same ops, equal up to float "
-                                          "rounding): torch (batched tensor ops), opencv (per image; several times "
-                                          "faster on a CPU), or auto: opencv on a CPU, torch on a GPU",
+                                          "rounding): torch (batched tensor ops), opencv (per image; faster on a CPU "
+                                          "from about 96 px), or auto: opencv on a CPU from 96 px, torch otherwise",
                                   choices=("auto", *AUGMENT_BACKENDS))
     # The reference blurs the ~1024 px ISIC original before resizing to 224 (an effective scale of
     # about 224/1024); None: image_size / 1024, the same relative blur.
