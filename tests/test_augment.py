@@ -186,3 +186,19 @@ def test_reference_pil_transform_is_seeded():
     b = reference_pil_transform(image, 20, random.Random(3))
     c = reference_pil_transform(image, 20, random.Random(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_auto_takes_opencv_on_a_cpu_from_96_px_and_torch_elsewhere():
+    from types import SimpleNamespace
+
+    from fedward.engine.simulation import OPENCV_FROM_PX, Simulation
+
+    def backend(choice: str, device: str, size: int) -> str:
+        holder = SimpleNamespace(cfg=SimpleNamespace(augment_backend=choice), device=torch.device(device),
+                                 spec=SimpleNamespace(image_size=size))
+        return Simulation.augment_backend.fget(holder)
+
+    assert OPENCV_FROM_PX == 96
+    assert [backend("auto", "cpu", s) for s in (32, 64, 95, 96, 224)] == ["torch"] * 3 + ["opencv"] * 2
+    assert backend("auto", "meta", 224) == "torch"  # any accelerator: the batch stays on the device
+    assert backend("opencv", "cpu", 32) == "opencv" and backend("torch", "cpu", 224) == "torch"
