@@ -302,3 +302,26 @@ def test_intervals_and_auroc_come_from_the_rows_matrices() -> None:
     stratified = bootstrap_intervals([[[3, 1], [0, 4]], [[2, 2], [2, 2]]])
     assert summarize(local)["final_interval"]["macro_f1"] == list(stratified["macro_f1"])
     assert summarize(local_run_rows())["final_interval"] is None  # rows without matrices: no interval
+
+
+def test_results_csv_is_the_metrics_in_long_format(tmp_path: Path) -> None:
+    import csv
+
+    rows = global_run_rows(rounds=2)
+    rows[0]["auroc"] = None  # unknown: no line
+    run = make_run(tmp_path / "run", rows, {"method": "fedavg", "client_names": ["BCN", "MSK"],
+                                            "class_names": ["MEL", "NV", "BCC"]})
+    write_report(run)
+    with (run.path / "results.csv").open(newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    evaluations = [r for r in rows if r.get("scope") == "server"]
+    # 4 numbers (BA, accuracy, macro-F1, loss) per evaluation row, 2 recalls (class 2 has none) per
+    # pooled test row, 2 weights per round
+    assert len(lines) == 4 * len(evaluations) + 2 * 2 + 2 * 2
+    first = [line for line in lines if line["round"] == "1" and line["client"] == "" and line["split"] == "test"]
+    assert {line["metric"]: float(line["value"]) for line in first} == pytest.approx(
+        {"balanced_accuracy": 0.40, "accuracy": 0.60, "macro_f1": 0.30, "loss": 1.60, "recall_MEL": 0.8, "recall_NV": 0.75})
+    weights = [line for line in lines if line["metric"] == "weight" and line["round"] == "2"]
+    assert [(w["client"], w["client_name"], float(w["value"])) for w in weights] == [
+        ("0", "BCN", pytest.approx(0.45)), ("1", "MSK", pytest.approx(0.55))]
+    assert {line["client_name"] for line in lines if line["client"] == "1"} == {"MSK"}

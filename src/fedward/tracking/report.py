@@ -29,6 +29,8 @@ AGGREGATION_WEIGHTS_PNG = "aggregation_weights.png"
 ROBUST_FACTORS_PNG = "robust_factors.png"
 COMPARISON_PNG = "comparison.png"
 COMPARISON_CSV = "comparison.csv"
+RESULTS_CSV = "results.csv"
+RESULTS_COLUMNS = ("round", "scope", "model", "data", "client", "client_name", "split", "n", "metric", "value")
 COMPARISON_HTML = "comparison.html"
 
 # {round: row} for one (scope, model, data, split, client) series
@@ -662,8 +664,48 @@ def write_report(run_dir: RunDirectory | str | os.PathLike[str]) -> Path:
         add("Fed-MAS robust factors and class-wise divergence", ROBUST_FACTORS_PNG,
             robust_factors_figure(factors, config_value(config, "client_names"), config_value(config, "class_names")))
 
+    write_results_csv(run.path / RESULTS_CSV, rows, config_value(config, "client_names"),
+                      config_value(config, "class_names"))
     atomic_write_text(run.report_path, _render_html(run, config, summary, figures))
     return run.report_path
+
+
+def results_records(rows: list[dict], client_names: list[str] | None = None,
+                    class_names: list[str] | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl in long format, one number a line (for pandas, R or a spreadsheet): every
+    evaluation row's metrics (recall per class as ``recall_<class>``) and every aggregation
+    weight; ``client`` empty for the pooled data."""
+    def name(client: Any) -> str:
+        return client_names[client] if isinstance(client, int) and client_names and client < len(client_names) else ""
+
+    out: list[dict[str, Any]] = []
+    for row in _evaluation_rows(rows):
+        model, data = row_kind(row)
+        head = {"round": row["round"], "scope": row["scope"], "model": model, "data": data, "client": row.get("client"),
+                "client_name": name(row.get("client")), "split": row["split"], "n": row.get("n")}
+        for key in (*METRIC_KEYS, "auroc", "loss"):
+            if _value(row, key) is not None:
+                out.append({**head, "metric": key, "value": _value(row, key)})
+        for c, value in enumerate(row.get("per_class_recall") or []):
+            if value is not None:
+                label = class_names[c] if class_names and c < len(class_names) else str(c)
+                out.append({**head, "metric": f"recall_{label}", "value": float(value)})
+    for row in rows:
+        if row.get("scope") == "aggregation":
+            for client, weight in zip(row.get("clients") or [], row.get("weights") or []):
+                out.append({"round": row["round"], "scope": "aggregation", "model": "", "data": "", "client": client,
+                            "client_name": name(client), "split": "", "n": "", "metric": "weight", "value": float(weight)})
+    return out
+
+
+def write_results_csv(path: Path, rows: list[dict], client_names: list[str] | None = None,
+                      class_names: list[str] | None = None) -> Path:
+    with io.StringIO() as text:
+        writer = csv.DictWriter(text, fieldnames=list(RESULTS_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in record.items()}
+                         for record in results_records(rows, client_names, class_names))
+        return atomic_write_text(path, text.getvalue())
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
