@@ -325,3 +325,22 @@ def test_results_csv_is_the_metrics_in_long_format(tmp_path: Path) -> None:
     assert [(w["client"], w["client_name"], float(w["value"])) for w in weights] == [
         ("0", "BCN", pytest.approx(0.45)), ("1", "MSK", pytest.approx(0.55))]
     assert {line["client_name"] for line in lines if line["client"] == "1"} == {"MSK"}
+
+
+def test_loss_curves_take_train_loss_from_replies_and_val_loss_from_each_clients_split(tmp_path: Path) -> None:
+    from fedward.tracking.report import loss_series
+
+    rows = global_run_rows(rounds=2)
+    for r in rows:
+        if r.get("scope") == "aggregation":
+            r["train_loss"] = [1.5 / r["round"], float("nan")]  # a non-finite loss is left out
+    found = loss_series(rows)
+    assert found[0]["train"] == {1: 1.5, 2: 0.75} and "train" not in found[1]
+    # the global model on each client's own validation split: loss 2 - BA in the fixture
+    assert found[1]["val"] == pytest.approx({1: 2.0 - 0.55, 2: 2.0 - 0.65})
+    run = make_run(tmp_path / "run", rows, {"method": "fedavg", "client_names": ["BCN", "MSK"]})
+    write_report(run)
+    assert (run.path / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "<h2>Loss curves</h2>" in run.report_path.read_text()
+    assert loss_series(local_run_rows())[0]["val"] == pytest.approx({1: 1.4, 2: 1.2, 3: 1.3})  # own models, no global
+

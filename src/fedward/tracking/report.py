@@ -24,6 +24,7 @@ from fedward.tracking.rundir import EVAL_SCOPES, RunDirectory, atomic_write_byte
 METRIC_KEYS = ("balanced_accuracy", "accuracy", "macro_f1")
 METRIC_LABELS = {"balanced_accuracy": "bal. acc.", "accuracy": "accuracy", "macro_f1": "macro-F1"}
 LEARNING_CURVES_PNG = "learning_curves.png"
+LOSS_CURVES_PNG = "loss_curves.png"
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 AGGREGATION_WEIGHTS_PNG = "aggregation_weights.png"
 ROBUST_FACTORS_PNG = "robust_factors.png"
@@ -460,6 +461,50 @@ def learning_curves_figure(rows: list[dict], summary: dict, client_names: list[s
     return figure
 
 
+def loss_series(rows: list[dict]) -> dict[int, dict[str, dict[int, float]]]:
+    """Per client: ``train`` (the mean training loss its reply reported, by round) and ``val`` (the
+    cross-entropy on its own validation split of the model it is evaluated with: the global model,
+    or its own for methods without one)."""
+    out: dict[int, dict[str, dict[int, float]]] = {}
+    for row in rows:
+        if row.get("scope") == "aggregation" and isinstance(row.get("train_loss"), list):
+            for client, loss in zip(row.get("clients") or [], row["train_loss"]):
+                if _is_finite(loss):
+                    out.setdefault(int(client), {}).setdefault("train", {})[row["round"]] = float(loss)
+    evals = _evaluation_rows(rows)
+    model = "global" if any(row_kind(r) == ("global", "client") for r in evals) else "local"
+    for row in evals:
+        if row.get("client") is not None and row["split"] == "val" and row_kind(row) == (model, "client") \
+                and _is_finite(row.get("loss")):
+            out.setdefault(int(row["client"]), {}).setdefault("val", {})[row["round"]] = float(row["loss"])
+    return out
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def loss_curves_figure(found: dict[int, dict[str, dict[int, float]]], client_names: list[str] | None = None) -> Any:
+    """Each hospital's training loss (solid) and validation loss (dashed) by round."""
+    figure = _figure(7, 4)
+    ax = figure.subplots()
+    for index, client in enumerate(sorted(found)):
+        label = client_names[client] if client_names and 0 <= client < len(client_names) else f"client {client}"
+        for kind, style in (("train", "-"), ("val", "--")):
+            series = found[client].get(kind)
+            if series:
+                rounds = sorted(series)
+                ax.plot(rounds, [series[r] for r in rounds], linestyle=style, marker="o", markersize=3,
+                        color=f"C{index % 10}", label=f"{label}, {kind}")
+    _integer_rounds(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (train: the method's objective; val: cross-entropy)")
+    ax.set_title("Loss per hospital: training (solid), own validation split (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2, loc="best")
+    return figure
+
+
 def last_confusion_matrix(rows: list[dict]) -> tuple[int, list[list[float]]] | None:
     """(round, matrix) of the latest pooled-test row of the global model carrying a matrix."""
     evals = _evaluation_rows(rows)
@@ -652,6 +697,9 @@ def write_report(run_dir: RunDirectory | str | os.PathLike[str]) -> Path:
 
     add("Learning curves", LEARNING_CURVES_PNG,
         learning_curves_figure(rows, summary, config_value(config, "client_names")))
+    losses = loss_series(rows)
+    if losses:
+        add("Loss curves", LOSS_CURVES_PNG, loss_curves_figure(losses, config_value(config, "client_names")))
     found = last_confusion_matrix(rows)
     if found is not None:
         class_names = config_value(config, "class_names")
