@@ -155,9 +155,9 @@ def test_write_report_embeds_all_figures(tmp_path: Path) -> None:
     assert report == run.report_path
     text = report.read_text()
     images = _embedded_pngs(text)
-    assert len(images) == 3  # learning curves, confusion matrix, aggregation weights
+    assert len(images) == 4  # learning curves, loss curves (val), confusion matrix, aggregation weights
     assert all(image.startswith(b"\x89PNG") for image in images)
-    for name in ("learning_curves.png", "confusion_matrix.png", "aggregation_weights.png"):
+    for name in ("learning_curves.png", "loss_curves.png", "confusion_matrix.png", "aggregation_weights.png"):
         assert (run.path / name).read_bytes() in images
     assert "0.6000" in text and "0.5500" in text and "BSM" in text
 
@@ -166,7 +166,7 @@ def test_write_report_for_a_single_round_without_aggregation(tmp_path: Path) -> 
     rows = [r for r in global_run_rows(rounds=1) if r["scope"] != "aggregation"]
     run = make_run(tmp_path / "one_round", rows, {"method": "fedavg"})
     text = write_report(run).read_text()
-    assert len(_embedded_pngs(text)) == 2
+    assert len(_embedded_pngs(text)) == 3  # learning curves, loss curves, confusion matrix
     assert not (run.path / "aggregation_weights.png").exists()
     assert "final (round 1)" in text
 
@@ -174,7 +174,7 @@ def test_write_report_for_a_single_round_without_aggregation(tmp_path: Path) -> 
 def test_write_report_for_a_local_run(tmp_path: Path) -> None:
     run = make_run(tmp_path / "local", local_run_rows(), {"method": "local"})
     text = write_report(run).read_text()
-    assert len(_embedded_pngs(text)) == 1  # learning curves only: no pooled matrix, no aggregation
+    assert len(_embedded_pngs(text)) == 2  # learning and loss curves: no pooled matrix, no aggregation
     assert "0.6500" in text and "no global model" in text
 
 
