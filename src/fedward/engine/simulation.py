@@ -235,7 +235,7 @@ class SimulationClients:
         return [c.client_id for c in self.sim.training_clients]
 
     def train(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
-        # A generator: one executor at a time reads a state just before its client trains.
+        # A generator: the sequential executor reads each state just before its client trains.
         tasks = (ClientTask(round_index, k, self.sim.algorithm.client_message(message, k), self.store.get(k))
                  for k in client_ids)
 
