@@ -24,16 +24,12 @@ class SequentialExecutor:
         self.sim = sim
 
     def run(self, tasks: Iterable["ClientTask"], count: int, *, evaluate_local: bool, progress: bool,
-            on_result: Callable[["ClientResult"], None]) -> list["ClientResult"]:
+            on_result: Callable[["ClientResult"], "ClientResult"]) -> list["ClientResult"]:
         """Each task as it comes from ``tasks`` (so only one client's state is read at a time);
-        ``on_result`` takes each result when its client is done."""
+        ``on_result`` takes each result when its client is done and gives what to keep of it."""
         bar = tqdm(tasks, total=count, desc="clients", unit="client", leave=False, disable=not progress or count < 2,
                    dynamic_ncols=True)
-        results = []
-        for task in bar:
-            results.append(self.sim.run_client(task, evaluate_local))
-            on_result(results[-1])
-        return results
+        return [on_result(self.sim.run_client(task, evaluate_local)) for task in bar]
 
     def close(self) -> None:
         pass
@@ -69,7 +65,7 @@ class PoolExecutor:
                                           initargs=(cfg.to_dict(), data, device, threads)) for device in devices]
 
     def run(self, tasks: Iterable["ClientTask"], count: int, *, evaluate_local: bool, progress: bool,
-            on_result: Callable[["ClientResult"], None]) -> list["ClientResult"]:
+            on_result: Callable[["ClientResult"], "ClientResult"]) -> list["ClientResult"]:
         """Every task submitted at once (the round's states travel to the workers), the results
         taken in order."""
         futures = [self.pools[i % len(self.pools)].submit(_run_in_worker, task, evaluate_local)
@@ -78,8 +74,7 @@ class PoolExecutor:
                    dynamic_ncols=True)
         results = []
         for future in futures:
-            results.append(future.result())
-            on_result(results[-1])
+            results.append(on_result(future.result()))
             bar.update(1)
         bar.close()
         return results

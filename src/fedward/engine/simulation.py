@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -239,9 +239,9 @@ class SimulationClients:
         tasks = (ClientTask(round_index, k, self.sim.algorithm.client_message(message, k), self.store.get(k))
                  for k in client_ids)
 
-        def keep(result: ClientResult) -> None:  # stored as it comes, so a round holds few states at once
+        def keep(result: ClientResult) -> ClientResult:  # stored as it comes: a round holds few states at once
             self.store.put(result.reply.client_id, round_index, result.state)
-            result.state = None
+            return replace(result, state=None)
 
         results = self.executor.run(tasks, len(client_ids), evaluate_local=evaluate_local, progress=self.progress,
                                     on_result=keep)
