@@ -121,7 +121,7 @@ class RunConfig:
     states_in_memory: int = option(0, "client states (optimizer moments, personalised models, ...) also kept in "
                                       "memory between rounds, least recently used out; 0: each is read back from "
                                       "checkpoints/clients/ when its client trains (memory flat in the number of "
-                                      "clients; a read costs about 0.05 s per 85 MB state)", check=NON_NEGATIVE)
+                                      "clients)", check=NON_NEGATIVE)
     keep_checkpoint: bool = option(True, "keep checkpoints/last.pt when the run has finished (false: only the final "
                                          "model files stay; the checkpoint is what --resume and a personalised "
                                          "method's shared part, e.g. MH-pFLID's messenger, live in)")
