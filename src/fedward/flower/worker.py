@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import socket
 import struct
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -95,6 +97,7 @@ def serve(path: Path, parent_pid: int) -> None:
     """Answer messages one at a time until the SuperNode (``parent_pid``) is gone."""
     from fedward.flower import handlers  # torch and fedward: imported once, here
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a SuperNode stopped with its group: clean up
     path.unlink(missing_ok=True)  # a killed predecessor's
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
