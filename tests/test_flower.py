@@ -412,6 +412,31 @@ def test_too_few_replies_stop_the_round_and_the_run_resumes(method, tiny_values,
     assert all(torch.equal(resumed[k], sim_model[k]) for k in sim_model)
 
 
+def test_a_run_stopped_in_round_1_resumes_from_round_0(tiny_values, tmp_path, task_identity):
+    """No checkpoint yet: --resume starts the run again (same run key, the nodes start round 1 from
+    no state) and ends at the simulation's model."""
+    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 2})
+
+    def kill_in_round_1(grid, messages):
+        if messages[0].metadata.group_id == "round-1":
+            grid.down.add(102)
+
+    with pytest.raises(FedwardError, match="round 1: 1 usable replies"):
+        loopback_run(cfg, tmp_path, clients=2, on_push=kill_in_round_1)
+    run_dir = tmp_path / "flower-run"
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    nodes = {101: {"client-id": 0, "state-dir": str(tmp_path / "nodes")}, 102: {"client-id": 1, "state-dir": str(tmp_path / "nodes")}}
+    run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
+                  **launch.run_config_overrides(cfg, run_dir=run_dir, resume=True, min_clients=0, round_timeout=5, join_timeout=5)}
+    logs: list[str] = []
+    Coordinator(LoopbackGrid(nodes, run_config), cfg, ServerSettings.from_run_config(run_config, cfg),
+                log=logs.append).run()
+    assert any("starting it again from round 0" in line for line in logs)
+    resumed = torch.load(run_dir / "final_model.pt", weights_only=False)["state_dict"]
+    sim_model, _ = simulation_model(cfg, tmp_path)
+    assert all(torch.equal(resumed[k], sim_model[k]) for k in sim_model)
+
+
 def test_nodes_that_disagree_are_refused(tiny_values, tmp_path, task_identity):
     cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 1})
     logs: list[str] = []

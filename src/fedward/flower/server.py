@@ -254,6 +254,15 @@ class Coordinator:
         self.algorithm = get_algorithm(cfg.method)(cfg, self.spec, build)
         if saved is not None:
             self.run_key = saved["run_key"]
+            if not ckpt.path_of(self.run_dir).is_file():
+                # Stopped before its first checkpoint: its start is its config (and the nodes start
+                # round 1 from no state), so resuming is starting again, as in the simulation.
+                self.log(f"{path} has no checkpoint yet (it stopped in round 1): starting it again from round 0")
+                self.run_dir.truncate_rounds_after(0)
+                global_state, notices = initial_global_state(cfg, build)
+                for line in notices:
+                    self.log(line)
+                return 0, global_state, self.algorithm.initial_server_state(global_state)
             checkpoint = ckpt.load(self.run_dir, expected_num_classes=self.spec.num_classes, settings=cfg.to_dict())
             self.run_dir.truncate_rounds_after(checkpoint["round"])
             self.log(f"resuming {path} after round {checkpoint['round']} of {cfg.comm_round}")
