@@ -19,9 +19,10 @@ demo: $(STAMP)
 	$(VENV)/bin/fedward run --config configs/demo.yaml
 
 # Two workers: most tests are single-threaded tiny runs, and the Flower deployment tests mostly
-# wait on their processes; whole files go to a worker (their module fixtures start once).
+# wait on their processes; whole files go to a worker (their module fixtures start once). The 20
+# slowest tests are listed at the end, to keep the suite within its time.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
