@@ -386,55 +386,44 @@ def test_dropout_bad_reply_and_rejoin(tiny_values, tmp_path, task_identity):
     assert (coordinator.run_dir.path / "final_model.pt").is_file()
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedadam", "scaffold"])
-def test_too_few_replies_stop_the_round_and_the_run_resumes(method, tiny_values, tmp_path, task_identity):
-    """The server state (FedAdam's moments, SCAFFOLD's control variate) is in the server's
-    checkpoint and the client states on the nodes: the resumed run ends at the simulation's model."""
-    cfg = build_config({**tiny_values, "method": method, "client_number": 2, "partition_method": "iid", "comm_round": 2})
-
-    def kill_in_round_2(grid, messages):
-        if messages[0].metadata.group_id == "round-2":
+def _stop_in_round_then_resume(cfg, tmp_path, stop_round: int) -> list[str]:
+    """A 2-client loopback run whose node 102 goes down in ``stop_round`` (too few replies stop the
+    run), then ``--resume`` with both nodes back; the resumed run's log lines."""
+    def kill(grid, messages):
+        if messages[0].metadata.group_id == f"round-{stop_round}":
             grid.down.add(102)
 
-    with pytest.raises(FedwardError, match="round 2: 1 usable replies, fewer than the minimum 2; resume after round 1"):
-        loopback_run(cfg, tmp_path, clients=2, on_push=kill_in_round_2)
+    with pytest.raises(FedwardError, match=f"round {stop_round}: 1 usable replies, fewer than the minimum 2; "
+                                           f"resume after round {stop_round - 1}"):
+        loopback_run(cfg, tmp_path, clients=2, on_push=kill)
     run_dir = tmp_path / "flower-run"
-    assert RunDirectory.open_existing(run_dir).read_rows()[-1]["round"] == 1
-    # resume with both nodes back
-    nodes = {101: {"client-id": 0, "state-dir": str(tmp_path / "nodes")}, 102: {"client-id": 1, "state-dir": str(tmp_path / "nodes")}}
-    run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
-                  **launch.run_config_overrides(cfg, run_dir=run_dir, resume=True, min_clients=0, round_timeout=5, join_timeout=5)}
-    settings = ServerSettings.from_run_config(run_config, cfg)
-    coordinator = Coordinator(LoopbackGrid(nodes, run_config), cfg, settings, log=lambda line: None)
-    coordinator.run()
-    resumed = torch.load(run_dir / "final_model.pt", weights_only=False)["state_dict"]
-    sim_model, _ = simulation_model(cfg, tmp_path)
-    assert all(torch.equal(resumed[k], sim_model[k]) for k in sim_model)
-
-
-def test_a_run_stopped_in_round_1_resumes_from_round_0(tiny_values, tmp_path, task_identity):
-    """No checkpoint yet: --resume starts the run again (same run key, the nodes start round 1 from
-    no state) and ends at the simulation's model."""
-    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 2})
-
-    def kill_in_round_1(grid, messages):
-        if messages[0].metadata.group_id == "round-1":
-            grid.down.add(102)
-
-    with pytest.raises(FedwardError, match="round 1: 1 usable replies"):
-        loopback_run(cfg, tmp_path, clients=2, on_push=kill_in_round_1)
-    run_dir = tmp_path / "flower-run"
-    assert not (run_dir / "checkpoints" / "last.pt").exists()
     nodes = {101: {"client-id": 0, "state-dir": str(tmp_path / "nodes")}, 102: {"client-id": 1, "state-dir": str(tmp_path / "nodes")}}
     run_config = {**flower_app.RUN_CONFIG_DEFAULTS,
                   **launch.run_config_overrides(cfg, run_dir=run_dir, resume=True, min_clients=0, round_timeout=5, join_timeout=5)}
     logs: list[str] = []
     Coordinator(LoopbackGrid(nodes, run_config), cfg, ServerSettings.from_run_config(run_config, cfg),
                 log=logs.append).run()
-    assert any("starting it again from round 0" in line for line in logs)
     resumed = torch.load(run_dir / "final_model.pt", weights_only=False)["state_dict"]
     sim_model, _ = simulation_model(cfg, tmp_path)
     assert all(torch.equal(resumed[k], sim_model[k]) for k in sim_model)
+    return logs
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedadam", "scaffold"])
+def test_too_few_replies_stop_the_round_and_the_run_resumes(method, tiny_values, tmp_path, task_identity):
+    """The server state (FedAdam's moments, SCAFFOLD's control variate) is in the server's
+    checkpoint and the client states on the nodes: the resumed run ends at the simulation's model."""
+    cfg = build_config({**tiny_values, "method": method, "client_number": 2, "partition_method": "iid", "comm_round": 2})
+    logs = _stop_in_round_then_resume(cfg, tmp_path, stop_round=2)
+    assert any("resuming" in line and "after round 1" in line for line in logs)
+
+
+def test_a_run_stopped_in_round_1_resumes_from_round_0(tiny_values, tmp_path, task_identity):
+    """No checkpoint yet: --resume starts the run again (same run key, the nodes start round 1 from
+    no state) and ends at the simulation's model."""
+    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 2, "partition_method": "iid", "comm_round": 2})
+    logs = _stop_in_round_then_resume(cfg, tmp_path, stop_round=1)
+    assert any("starting it again from round 0" in line for line in logs)
 
 
 def test_nodes_that_disagree_are_refused(tiny_values, tmp_path, task_identity):
