@@ -31,6 +31,13 @@ def test_the_pages_example_runs(tmp_path, monkeypatch, capsys):
     saved = fedward.RunDirectory.open_existing(runs["BSM"].path).read_results()
     assert json.loads(json.dumps(runs["BSM"].summary)) == saved  # results.json (its keys are strings)
     assert len(namespace["per_round"]) == 2 and namespace["facts"]["dataset"] == "synthetic"
+    assert namespace["again"] == runs["BSM"].__class__(runs["BSM"].path, saved)  # load_run gives the same run
+    header = namespace["long"].read_text().splitlines()[0]
+    assert header == "round,scope,model,data,client,client_name,split,n,metric,value"
+    unfinished = fedward.RunDirectory.create(tmp_path / "unfinished")
+    unfinished.write_config({"method": "fedavg"})
+    with pytest.raises(fedward.errors.FedwardError, match="has no results.json: the run has not finished"):
+        fedward.load_run(unfinished.path)
     printed = capsys.readouterr().out
     assert "BSM runs/api-BSM" in printed and "CE runs/api-CE" in printed
 

@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "fedward.api", "TrainedRun": "fedward.api",
+    "train": "fedward.api", "load_run": "fedward.api", "TrainedRun": "fedward.api",
     "build_config": "fedward.config", "load_yaml": "fedward.config", "RunConfig": "fedward.config",
     "prepare": "fedward.engine.simulation", "run": "fedward.engine.simulation",
     "RunDirectory": "fedward.tracking", "write_report": "fedward.tracking.report", "compare": "fedward.tracking.report",

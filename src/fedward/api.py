@@ -1,4 +1,5 @@
-"""``fedward.train``: one federated training from Python, as ``fedward run`` does it."""
+"""``fedward.train``: one federated training from Python, as ``fedward run`` does it;
+``fedward.load_run``: a finished run folder as the same object."""
 
 from __future__ import annotations
 
@@ -14,6 +15,23 @@ class TrainedRun:
 
     path: Path
     summary: dict[str, Any]
+
+    @property
+    def results_csv(self) -> Path:
+        """Every number of metrics.jsonl, one a line (``pandas.read_csv`` reads it as it is)."""
+        return self.path / "results.csv"
+
+
+def load_run(path: str | Path) -> TrainedRun:
+    """A finished run folder (one ``train`` or ``fedward run`` wrote, here or on another machine)."""
+    from fedward.errors import FedwardError
+    from fedward.tracking import RunDirectory
+
+    run_dir = RunDirectory.open_existing(path)
+    if not run_dir.results_path.is_file():
+        raise FedwardError(f"{run_dir.path} has no results.json: the run has not finished (resume it with "
+                           f"`fedward run --resume {run_dir.path}`)")
+    return TrainedRun(run_dir.path, run_dir.read_results())
 
 
 def train(settings: dict[str, Any] | None = None, **overrides: Any) -> TrainedRun:
