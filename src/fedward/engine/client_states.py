@@ -33,6 +33,7 @@ class ClientStateStore:
     def __init__(self, folder: Path, client_ids: list[int], in_memory: int):
         self.folder, self.client_ids, self.in_memory = Path(folder), list(client_ids), in_memory
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._unpruned: set[int] = set()  # clients with files a later commit may remove
         self._lock = threading.Lock()  # commit() runs in the checkpoint thread
 
     def _client_folder(self, client_id: int) -> Path:
@@ -67,6 +68,8 @@ class ClientStateStore:
             folder = self._client_folder(client_id)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(state, folder / f"round-{round_index}.pt")
+            with self._lock:
+                self._unpruned.add(client_id)
         self._remember(client_id, state)
 
     def _remember(self, client_id: int, state: dict[str, Any]) -> None:
@@ -81,11 +84,14 @@ class ClientStateStore:
     def commit(self, round_index: int) -> None:
         """A checkpoint of ``round_index`` is on disk: each client's files older than its newest one
         at or before that round are no longer needed."""
-        with self._lock:
-            for client_id in self.client_ids:
-                covered = [r for r in self.rounds(client_id) if r <= round_index]
+        with self._lock:  # only the clients written since: a round's cost follows the clients that trained
+            for client_id in sorted(self._unpruned):
+                saved = self.rounds(client_id)
+                covered = [r for r in saved if r <= round_index]
                 for old in covered[:-1]:
                     (self._client_folder(client_id) / f"round-{old}.pt").unlink(missing_ok=True)
+                if all(r <= round_index for r in saved):
+                    self._unpruned.discard(client_id)
 
     def rewind(self, round_index: int) -> None:
         """Resume after ``round_index``: the files of later rounds are an interrupted run's."""
@@ -94,6 +100,8 @@ class ClientStateStore:
             for client_id in self.client_ids:
                 for later in [r for r in self.rounds(client_id) if r > round_index]:
                     (self._client_folder(client_id) / f"round-{later}.pt").unlink(missing_ok=True)
+                if len(self.rounds(client_id)) > 1:  # an interrupted run's files the next commit prunes
+                    self._unpruned.add(client_id)
 
     def states(self) -> list[dict[str, Any]]:
         """Every client's newest state, in id order (the personalised models at the end of a run)."""
