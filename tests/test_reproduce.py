@@ -73,6 +73,24 @@ def test_finished_runs_are_reused_and_other_settings_refused(tiny_values, tmp_pa
         reproduce(table, out=tmp_path, seeds=[0], options={}, only=["Lokal"], log=lambda line: None)
 
 
+def test_a_finished_runs_records_moved_to_another_folder_are_reused(tiny_values, tmp_path, monkeypatch):
+    """A table's records committed in one session (config, data facts, rows, results; no
+    checkpoints or event files) are reused from where they were moved in the next."""
+    import shutil
+
+    table = tiny_table(tiny_values)
+    first = reproduce(table, out=tmp_path / "a", seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    for name in ("config.yaml", "data.json", "metrics.jsonl", "results.json"):
+        target = tmp_path / "b" / "local" / "seed0" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "a" / "local" / "seed0" / name, target)
+    trained = []
+    monkeypatch.setattr("fedward.engine.simulation.run", lambda *a, **k: trained.append(a))
+    second = reproduce(table, out=tmp_path / "b", seeds=[0], options={}, only=["Local"], log=lambda line: None)
+    assert trained == []
+    assert second["csv"].read_text() == first["csv"].read_text()
+
+
 def test_jobs_train_runs_in_processes_with_the_cores_shared_and_reuse_finished_runs(tiny_values, tmp_path):
     import yaml
 

@@ -22,6 +22,9 @@ SOURCES = {"local": ("client", "local"), "global": ("server", "global"), "finetu
 # How a run executes, not what it computes; a finished run is reused whatever they were. (The torch
 # thread count does change a CPU run's last bits: a resumed run keeps its own.)
 EXECUTION = ("threads", "keep_checkpoint")
+# Where a run lives is not what it computed: a finished run's records moved to another folder (a
+# table's records committed in one session, reused in the next) are the same run.
+LOCATION = ("output",)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     from fedward.config import completed_settings
 
     saved = completed_settings(saved)
-    return sorted(k for k in set(saved) | set(wanted) if k not in EXECUTION and saved.get(k) != wanted.get(k))
+    return sorted(k for k in set(saved) | set(wanted) if k not in EXECUTION + LOCATION and saved.get(k) != wanted.get(k))
 
 
 def ensure_run(values: dict[str, Any], log: Callable[[str], None]) -> Path:
