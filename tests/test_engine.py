@@ -218,3 +218,39 @@ def test_keep_checkpoint_false_removes_the_finished_runs_checkpoint(tiny_values,
         run(cfg, run_dir, data=data)
         assert (run_dir.checkpoints_dir / "last.pt").is_file() == keep
         assert run_dir.final_model_path.is_file() and run_dir.results_path.is_file()
+
+
+def test_selected_round_predictions_are_that_rounds_and_survive_a_resume(tmp_path, tiny_values):
+    """predictions_global_selected.csv is the global model's per-image predictions at the summary's
+    validation-selected round (not the final one here), also in a run resumed after that round."""
+    import csv
+
+    from fedward.metrics import confusion_matrix
+
+    values = {**tiny_values, "comm_round": 4, "eval_every": 1, "lr": 0.05}
+    _, full, summary = _run(tmp_path, "full", values)
+    selected = summary["selected_round"]
+    assert selected is not None and selected < values["comm_round"]
+    with open(full.path / "predictions_global_selected.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    assert {line["round"] for line in lines} == {str(selected)}
+    rows = [r for r in full.read_rows() if r["scope"] == "server" and r["client"] is not None
+            and r["round"] == selected]
+    for row in rows:
+        mine = [line for line in lines if line["client"] == str(row["client"]) and line["split"] == row["split"]]
+        labels = [int(line["label"]) for line in mine]
+        preds = [int(line["prediction"]) for line in mine]
+        assert confusion_matrix(labels, preds, 8).tolist() == row["confusion_matrix"]
+
+    def crash(round_index):
+        if round_index == selected:
+            raise _Crash
+
+    cfg = build_config(values)
+    run_dir = RunDirectory.create(tmp_path / "crashed")
+    run_dir.write_config(cfg.to_dict())
+    with pytest.raises(_Crash):
+        run(cfg, run_dir, on_round_end=crash)
+    run(cfg, RunDirectory.open_existing(tmp_path / "crashed"), resume=True)
+    for name in ("predictions_global_selected.csv", "predictions_global.csv"):
+        assert (run_dir.path / name).read_text() == (full.path / name).read_text()

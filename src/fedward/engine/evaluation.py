@@ -84,11 +84,12 @@ class PredictionBlock:
 PREDICTION_FIELDS = ("round", "model", "client", "split")
 
 
-def predictions_file(folder: Path, model: str) -> Path:
-    return folder / f"predictions_{model}.csv"
+def predictions_file(folder: Path, model: str, *, selected: bool = False) -> Path:
+    return folder / f"predictions_{model}{'_selected' if selected else ''}.csv"
 
 
-def write_predictions(folder: Path, blocks: list[PredictionBlock], class_names: list[str]) -> list[Path]:
+def write_predictions(folder: Path, blocks: list[PredictionBlock], class_names: list[str], *,
+                      selected: bool = False) -> list[Path]:
     """predictions_<model>.csv, one file per model (global, finetuned, local, ...): one line per image
     (round, model, client, split, index in the split, label, prediction, then the softmax score of
     each class as p_<class name>). One file per model, so that a Flower node, which evaluates its
@@ -97,7 +98,8 @@ def write_predictions(folder: Path, blocks: list[PredictionBlock], class_names: 
     by_model: dict[str, list[PredictionBlock]] = {}
     for block in blocks:
         by_model.setdefault(str(block.fields["model"]), []).append(block)
-    return [_write_block_csv(predictions_file(folder, model), group, class_names) for model, group in by_model.items()]
+    return [_write_block_csv(predictions_file(folder, model, selected=selected), group, class_names)
+            for model, group in by_model.items()]
 
 
 def _write_block_csv(path: Path, blocks: list[PredictionBlock], class_names: list[str]) -> Path:

@@ -8,6 +8,7 @@ executor runs the client updates; on Flower the ServerApp pushes messages to Sup
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -101,6 +102,16 @@ def prediction_blocks(round_index: int, predictions: dict[int, dict[str, Predict
     return [block for block in blocks if block is not None]
 
 
+def _pooled_val_score(rows: list[dict[str, Any]], round_index: int) -> float | None:
+    """The global model's pooled validation balanced accuracy in ``rows`` (None if absent or NaN)."""
+    for row in rows:
+        if ((row.get("scope"), row.get("model"), row.get("data"), row.get("split"), row.get("round")) ==
+                ("server", "global", "pooled", "val", round_index)):
+            score = row.get("balanced_accuracy")
+            return None if score is None or math.isnan(score) else float(score)
+    return None
+
+
 def aggregation_row(round_index: int, replies: list[ClientReply], info: dict[str, Any]) -> dict[str, Any]:
     row = {"round": round_index, "scope": "aggregation", "clients": [r.client_id for r in replies],
            "weights": [float(w) for w in info["weights"]]}
@@ -119,6 +130,7 @@ class RoundLoop:
                  *, log: Callable[[str], None], progress: bool):
         self.cfg, self.algorithm, self.spec, self.run_dir, self.clients = cfg, algorithm, spec, run_dir, clients
         self.log, self.progress = log, progress
+        self._best_pooled_val: float | None = None  # read back from the rows on first use (a resume)
 
     def run_round(self, round_index: int, global_state: Arrays,
                   server_state: dict[str, Any]) -> tuple[Arrays, list[dict[str, Any]]]:
@@ -161,9 +173,13 @@ class RoundLoop:
         blocks = [block for outcome in accepted for block in outcome.predictions] if final else []
         if not algorithm.personalised and evaluate_now:
             predictions = self.clients.evaluate(round_index, global_state)
-            rows.extend(global_rows(self.spec.num_classes, round_index, predictions))
+            evaluated = global_rows(self.spec.num_classes, round_index, predictions)
+            rows.extend(evaluated)
+            global_blocks = prediction_blocks(round_index, predictions, "global")
             if final:
-                blocks += prediction_blocks(round_index, predictions, "global")
+                blocks += global_blocks
+            if global_blocks:
+                self._keep_if_selected(round_index, evaluated, global_blocks)
         if fine_tunes(cfg) and final:
             predictions = self.clients.finetuned(round_index, global_state)
             rows.extend(global_rows(self.spec.num_classes, round_index, predictions, model="finetuned"))
@@ -171,6 +187,22 @@ class RoundLoop:
         if blocks:  # in one process; a Flower server gets none (each node writes its own)
             write_predictions(self.run_dir.path, blocks, self.spec.class_names)
         return global_state, rows
+
+    def _keep_if_selected(self, round_index: int, evaluated: list[dict[str, Any]],
+                          blocks: list[PredictionBlock]) -> None:
+        """predictions_global_selected.csv: the global model's per-image predictions at the round the
+        summary's validation selection picks (the earliest with the highest pooled validation
+        balanced accuracy), rewritten whenever a round beats every earlier one."""
+        score = _pooled_val_score(evaluated, round_index)
+        if score is None:
+            return
+        if self._best_pooled_val is None:
+            earlier = [_pooled_val_score([row], row["round"]) for row in self.run_dir.read_rows()
+                       if row.get("round", round_index) < round_index]
+            self._best_pooled_val = max((s for s in earlier if s is not None), default=-math.inf)
+        if score > self._best_pooled_val:
+            self._best_pooled_val = score
+            write_predictions(self.run_dir.path, blocks, self.spec.class_names, selected=True)
 
     def run(self, start_round: int, global_state: Arrays, server_state: dict[str, Any],
             on_round_end: Callable[[int], None] | None = None) -> Arrays:
