@@ -34,6 +34,7 @@ CASES = [
     (["run", *TINY, "--partition_method", "iid", "--client_number", "400"], "--client_number 400 (iid) leaves client"),
     (["run", *TINY, "--clients_per_round", "50"], "--clients_per_round 50: the federation has 6 clients"),
     (["run", *TINY, "--dp_noise_multiplier", "1"], "--dp_noise_multiplier needs --dp_clip"),
+    (["run", *TINY, "--method", "fedprox", "--dp_sgd_clip", "1"], "--dp_sgd_clip does not apply to --method fedprox"),
     (["report", "{d}/nothere"], "run directory {d}/nothere does not exist"),
     (["reproduce", "mhpflid-breakhis", "--seeds", "0"], "--seeds 0: expected at least 1"),
     (["data", "check", "{d}/nothere", "--dataset", "folders"], "data folder {d}/nothere does not exist"),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from fedward.algorithms.privacy import ClientLevelDP
+from fedward.algorithms.privacy import ClientLevelDP, PerSampleDP
 from fedward.data.types import ClientData, Split
 from fedward.errors import ConfigError
 from fedward.models import get_model, model_options
@@ -145,9 +145,9 @@ class LocalTraining(Epochs):
 
 
 @dataclass
-class GlobalTraining(ClientLevelDP, LocalTraining):
+class GlobalTraining(ClientLevelDP, PerSampleDP, LocalTraining):
     """The FedAvg family's local training, the "+FT" evaluation of its global model, and
-    client-level differential privacy (``fedward.algorithms.privacy``)."""
+    client-level and per-sample differential privacy (``fedward.algorithms.privacy``)."""
 
     finetune_epochs: int = option(0, "+FT: after the last round each client fine-tunes the final global model for this "
                                      "many epochs on its own train split and is evaluated on its own splits (Collins et "
@@ -286,6 +286,10 @@ class Algorithm:
                                                         image_size=spec.image_size, **kwargs))
             if cosine:
                 use_cosine_classifier(model)
+            if cfg.has("dp_sgd_clip") and cfg.dp_sgd_clip is not None:
+                from fedward.algorithms.privacy import per_sample_model
+
+                model = per_sample_model(model)
             return model
 
         return build

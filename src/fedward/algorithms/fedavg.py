@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.privacy import check_dp_config, clip_update, private_average
+from fedward.algorithms.privacy import PerSampleStep, check_dp_config, clip_update, per_sample_epsilon, private_average
 from fedward.algorithms.registry import register_method
 from fedward.algorithms.base import (
     Algorithm,
@@ -30,6 +30,7 @@ from fedward.algorithms.base import (
 from fedward.data.types import ClientData
 from fedward.errors import ConfigError
 from fedward.losses import build_loss
+from fedward.seeding import torch_generator
 
 # (model, images) -> (logits, anything the extra loss needs)
 ForwardFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, Any]]
@@ -45,15 +46,34 @@ def train_local(ws: Workspace, model: nn.Module, client: ClientData, *, epochs: 
                 loss_fn: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                 forward: ForwardFn = plain_forward, extra_loss: ExtraLossFn | None = None,
                 grad_clip: float | None = None, balanced: bool = False,
-                after_backward: Callable[[nn.Module], None] | None = None) -> tuple[int, float]:
+                after_backward: Callable[[nn.Module], None] | None = None,
+                per_sample: dict[str, Any] | None = None) -> tuple[int, float]:
     """Run ``epochs`` epochs of minibatch training on the client's train split.
 
     Returns (number of steps, mean task+extra loss). Images are augmented as whole batches on the
     training device with the client's generator, so the work is reproducible bit for bit.
     ``after_backward(model)`` may change the gradients before clipping and the optimizer step
     (SCAFFOLD's control-variate correction). ``balanced``: class-balanced sampling
-    (``--instance_sampling``).
+    (``--instance_sampling``). ``per_sample``: the keyword arguments of
+    :class:`~fedward.algorithms.privacy.PerSampleStep` but the model and optimizer (DP-SGD).
     """
+    private = None
+    if per_sample is not None:
+        if extra_loss is not None or after_backward is not None or grad_clip is not None:
+            raise ValueError("per-sample DP-SGD takes the task loss's per-image gradients alone")
+        # A client with fewer images than a batch trains on one batch of them all.
+        private = PerSampleStep(model, optimizer, batch_size=min(batch_size, len(client.train)), **per_sample)
+        optimizer = private.optimizer
+    try:
+        return _train_epochs(ws, private.model if private else model, client, epochs, batch_size, loss_fn,
+                             optimizer, generator, forward, extra_loss, grad_clip, balanced, after_backward)
+    finally:
+        if private is not None:
+            private.close()
+
+
+def _train_epochs(ws, model, client, epochs, batch_size, loss_fn, optimizer, generator, forward, extra_loss,
+                  grad_clip, balanced, after_backward) -> tuple[int, float]:
     model.train()
     split = client.train
     total, steps = torch.zeros((), dtype=torch.float64), 0
@@ -88,8 +108,10 @@ class FedAvg(Algorithm):
     summary = "FedAvg (McMahan et al. 2017): the whole state dict, averaged by examples"
     Options = GlobalTraining
     default_grad_clip: float | None = None
-    # Why a method cannot run under --dp_clip (None: it can; see fedward.algorithms.privacy).
+    # Why a method cannot run under --dp_clip, and under --dp_sgd_clip (None: it can; see
+    # fedward.algorithms.privacy).
     client_dp_refusal: str | None = None
+    per_sample_dp_refusal: str | None = None
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def forward_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ForwardFn:
@@ -122,7 +144,7 @@ class FedAvg(Algorithm):
         if cfg.adam and cfg.adamw:
             raise ConfigError("--adam and --adamw: choose one optimizer")
         if cfg.has("dp_clip"):
-            check_dp_config(cfg, cls.name, cls.client_dp_refusal)
+            check_dp_config(cfg, cls.name, cls.client_dp_refusal, cls.per_sample_dp_refusal)
 
     def kept_optimizer(self, params, state: dict[str, Any], key: str, round_index: int) -> torch.optim.Optimizer:
         """The local optimizer at round ``round_index``'s learning rate, with its state from
@@ -148,11 +170,12 @@ class FedAvg(Algorithm):
         model = self.load_start_model(ws, message, state, client)
         loss_fn = self.task_loss(client, message.round)
         optimizer = self.kept_optimizer(model.parameters(), state, "optimizer", message.round)
+        per_sample = self.per_sample_settings(message.round, client.client_id, ws.device)
         steps, mean_loss = train_local(
             ws, model, client, epochs=cfg.epochs, batch_size=cfg.batch_size, loss_fn=loss_fn, optimizer=optimizer,
             generator=generator, balanced=cfg.instance_sampling, forward=self.forward_fn(ws, message, state),
             extra_loss=self.extra_loss_fn(ws, message, state), after_backward=self.gradient_hook(ws, message, state),
-            grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip)
+            grad_clip=cfg.grad_clip if cfg.grad_clip is not None else self.default_grad_clip, per_sample=per_sample)
         if cfg.persist_optimizer_state:
             state["optimizer"] = optimizer.state_dict()
         arrays = to_cpu(model.state_dict())
@@ -161,11 +184,25 @@ class FedAvg(Algorithm):
         self.after_training(ws, state)
         metrics = {"num-examples": float(examples_seen(len(client.train), cfg.batch_size)),
                    "train-loss": mean_loss, "steps": float(steps)}
+        if per_sample is not None:
+            # Every DP-SGD step this client has taken, over the run: its own privacy account.
+            state["dp-sgd-steps"] = state.get("dp-sgd-steps", 0) + steps
+            metrics["dp-sgd-epsilon"] = per_sample_epsilon(cfg.dp_sgd_noise_multiplier, cfg.batch_size,
+                                                           len(client.train), state["dp-sgd-steps"], cfg.dp_delta)
         if cfg.has("dp_clip") and cfg.dp_clip is not None:
             start = self.model_arrays(message)
             arrays = clip_update(arrays, {k: start[k] for k in arrays}, cfg.dp_clip)
         return ClientReply(client_id=client.client_id, arrays=self.reply_arrays(arrays, message, state, steps),
                            metrics=metrics)
+
+    def per_sample_settings(self, round_index: int, client_id: int, device: torch.device) -> dict[str, Any] | None:
+        """DP-SGD's settings for one client's round (None without --dp_sgd_clip); its noise comes
+        from its own stream, seeded by (seed, round, client), so a resumed run draws the same."""
+        cfg = self.cfg
+        if not cfg.has("dp_sgd_clip") or cfg.dp_sgd_clip is None:
+            return None
+        return {"clip": cfg.dp_sgd_clip, "noise_multiplier": cfg.dp_sgd_noise_multiplier,
+                "generator": torch_generator(cfg.seed, "dp-sgd-noise", round_index, client_id, device=device)}
 
     def reply_arrays(self, trained: Arrays, message: ServerMessage, state: dict[str, Any], steps: int) -> Arrays:
         """What the reply carries, given the trained state dict and the number of steps (default: the

@@ -115,6 +115,7 @@ class FedMAS(FedAvg):
     name = "fedmas"
     summary = "Fed-MAS (Elbatel et al. 2023): alignment to a frozen self-supervised prior, MAS aggregation"
     Options = FedMASOptions
+    per_sample_dp_refusal = "its local step (alignment to the prior, the auxiliary head) is its own, not the task loss alone that DP-SGD clips per image"
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -31,6 +31,7 @@ class FedProx(FedAvg):
     name = "fedprox"
     summary = "FedProx (Li et al. 2020): FedAvg + (mu/2)||theta - theta_global||^2"
     Options = FedProxOptions
+    per_sample_dp_refusal = "its proximal term's gradient is not a per-image gradient, and DP-SGD's step keeps only those"
 
     def extra_loss_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ExtraLossFn | None:
         if self.cfg.mu == 0:

@@ -44,6 +44,7 @@ class Moon(FedAvg):
     name = "moon"
     summary = "MOON (Li, He and Song 2021): FedAvg + model-contrastive loss on a projection head"
     Options = MoonOptions
+    per_sample_dp_refusal = "its contrastive term is added to the task loss, and DP-SGD here clips the task loss's per-image gradients alone"
     default_grad_clip = 5.0
 
     @classmethod

@@ -17,6 +17,16 @@ fixed clipping on the client as Flower's ``DifferentialPrivacyClientSideFixedCli
 
 The guarantee is per hospital (adding or removing one client's whole data set), not per image.
 Both engines run this code: the simulation and the Flower nodes and server.
+
+Per-sample DP-SGD (Abadi et al. 2016; ``--dp_sgd_clip``), with Opacus: each image's gradient is
+clipped to L2 norm at most C and Gaussian noise N(0, (σ C)²) is added to their sum before every
+optimizer step of a client's local training, so what the client sends is private with respect to
+each of its images. Opacus cannot clip a per-image gradient through BatchNorm (it mixes the
+batch's images), so the model's BatchNorm layers become GroupNorm (Opacus's
+``ModuleValidator.fix``) for every client and the server alike. Each client accounts for its own
+steps (RDP at sampling rate B / n over every step it has taken) and sends its ε as a metric.
+fedward's batches are a shuffled partition of fixed size B, where the accountant assumes each
+image is drawn independently with probability B / n (Poisson sampling): the usual approximation.
 """
 
 from __future__ import annotations
@@ -47,14 +57,107 @@ class ClientLevelDP:
                              check=(lambda v: 0 < v < 1, "in (0, 1)"))
 
 
-def check_dp_config(cfg, method: str, reason: str | None) -> None:
-    """``reason``: why ``method`` cannot run under DP (None: it can)."""
+@dataclass
+class PerSampleDP:
+    dp_sgd_clip: float | None = option(None, "per-sample DP-SGD (Opacus): the L2 bound on each training image's "
+                                             "gradient in every local step; the model's BatchNorm layers become "
+                                             "GroupNorm", check=(lambda v: v is None or v > 0, "positive"))
+    dp_sgd_noise_multiplier: float = option(0.0, "per-sample DP-SGD: Gaussian noise of std sigma times --dp_sgd_clip "
+                                                 "added to each step's sum of clipped gradients (needs --dp_sgd_clip); "
+                                                 "0: clipping only, no privacy guarantee", check=NON_NEGATIVE)
+
+
+def check_dp_config(cfg, method: str, reason: str | None, per_sample_reason: str | None) -> None:
+    """``reason``: why ``method`` cannot run under client-level DP; ``per_sample_reason``: why not
+    under per-sample DP-SGD (None: it can)."""
     if cfg.dp_noise_multiplier > 0 and cfg.dp_clip is None:
         raise ConfigError("--dp_noise_multiplier needs --dp_clip: the noise is calibrated to the clipping bound")
     if cfg.dp_clip is not None and reason is not None:
         raise ConfigError(f"--dp_clip does not apply to --method {method}: {reason}")
-    if cfg.dp_delta != 1e-5 and cfg.dp_clip is None:
-        raise ConfigError("--dp_delta applies with --dp_clip and --dp_noise_multiplier only")
+    if cfg.dp_sgd_noise_multiplier > 0 and cfg.dp_sgd_clip is None:
+        raise ConfigError("--dp_sgd_noise_multiplier needs --dp_sgd_clip: the noise is calibrated to the clipping bound")
+    if cfg.dp_sgd_clip is not None:
+        if per_sample_reason is not None:
+            raise ConfigError(f"--dp_sgd_clip does not apply to --method {method}: {per_sample_reason}")
+        if cfg.grad_clip is not None:
+            raise ConfigError("--grad_clip with --dp_sgd_clip: DP-SGD clips each image's gradient and replaces the "
+                              "batch gradient, so a clip of the batch gradient would not act; give one of them")
+        if cfg.dp_clip is not None:
+            raise ConfigError("--dp_clip with --dp_sgd_clip: choose client-level or per-sample differential privacy")
+        if cfg.has("pre_trained_tv") and cfg.pre_trained_tv is not None:
+            raise ConfigError("--pre_trained_tv with --dp_sgd_clip: torchvision's weights go with BatchNorm layers, "
+                              "which DP-SGD's model replaces by GroupNorm")
+    if cfg.dp_delta != 1e-5 and cfg.dp_clip is None and cfg.dp_sgd_clip is None:
+        raise ConfigError("--dp_delta applies with --dp_clip or --dp_sgd_clip only")
+
+
+def per_sample_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as per-sample DP-SGD trains it: Opacus's fixes (BatchNorm -> GroupNorm) and no
+    in-place ReLU (Opacus's backward hooks cannot see through one)."""
+    from opacus.validators import ModuleValidator
+
+    model = ModuleValidator.fix(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+    return model
+
+
+class PerSampleStep:
+    """One client's local training under per-sample DP-SGD: ``model`` records per-image gradients
+    (Opacus's ``GradSampleModule``) and ``optimizer`` clips and noises them (``DPOptimizer``, noise
+    from ``generator``) while the block runs; the hooks are removed afterwards, so the workspace's
+    model is a plain module again."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clip: float,
+                 noise_multiplier: float, batch_size: int, generator: torch.Generator) -> None:
+        import warnings
+
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        # The first layer's input needs no gradient; Opacus's hooks work as they should there.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs since no inputs require gradients")
+        self.model = GradSampleModule(model)
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
+                                     expected_batch_size=batch_size, generator=generator)
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model._close()
+
+
+def per_sample_epsilon(noise_multiplier: float, batch_size: int, train_size: int, steps: int,
+                       delta: float) -> float:
+    """ε after ``steps`` DP-SGD steps of batch ``batch_size`` over ``train_size`` images."""
+    return epsilon(noise_multiplier, min(1.0, batch_size / train_size), steps, delta)
+
+
+def per_sample_summary(settings: dict, rows: list[dict]) -> dict | None:
+    """What results.json and the report say about per-sample DP-SGD (None without it): the
+    parameters and each client's last reported ε (from the aggregation rows); ε None without noise."""
+    if settings.get("dp_sgd_clip") is None:
+        return None
+    latest: dict[int, float] = {}
+    for row in rows:
+        if row.get("scope") == "aggregation" and "dp_sgd_epsilon" in row:
+            latest.update(zip(row["clients"], row["dp_sgd_epsilon"]))
+    sigma = float(settings.get("dp_sgd_noise_multiplier", 0.0))
+    finite = sigma > 0 and bool(latest)
+    return {"mechanism": "per-sample DP-SGD (Opacus): each image's gradient clipped, Gaussian noise on their sum",
+            "clip": float(settings["dp_sgd_clip"]), "noise_multiplier": sigma,
+            "delta": float(settings.get("dp_delta", 1e-5)),
+            "epsilon_per_client": {k: (v if finite else None) for k, v in sorted(latest.items())},
+            "epsilon": max(latest.values()) if finite else None,
+            "accountant": "RDP (Opacus), per client over its own steps, Poisson-sampling approximation"}
+
+
+def describe_per_sample(summary: dict) -> str:
+    eps = ("no guarantee (no noise)" if summary["epsilon"] is None
+           else f"epsilon {summary['epsilon']:.3g} (the largest over clients)")
+    return (f"per-sample DP-SGD: clip {summary['clip']:g}, noise multiplier {summary['noise_multiplier']:g}: "
+            f"{eps} at delta {summary['delta']:g}, per image of each hospital")
 
 
 def update_norm(trained: Arrays, start: Arrays) -> float:

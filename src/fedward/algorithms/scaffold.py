@@ -47,6 +47,7 @@ class Scaffold(FedAvg):
     name = "scaffold"
     summary = "SCAFFOLD (Karimireddy et al. 2020): control variates correct each client's drift (option II)"
     Options = ScaffoldOptions
+    per_sample_dp_refusal = "its control-variate correction changes the gradient after the backward pass, which DP-SGD's step replaces"
     client_dp_refusal = "its replies carry control variates, which DP-FedAvg's clipping and noise do not cover"
 
     @classmethod

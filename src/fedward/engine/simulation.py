@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
-from fedward.algorithms.privacy import describe, privacy_summary
+from fedward.algorithms.privacy import describe, describe_per_sample, per_sample_summary, privacy_summary
 from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
@@ -285,7 +285,9 @@ def startup_lines(cfg: RunConfig, data: FederatedData, sim: "Simulation", device
             f"classes ({data.num_classes}): {', '.join(data.class_names)}",
             f"method: {cfg.method}, model {model}, {cfg.comm_round} rounds, loss {cfg.loss_fn_name}",
             f"device: {', '.join(devices)}, {threads} torch thread(s) per worker; output: {run_dir.path}",
-            *([describe(p)] if (p := privacy_summary(cfg.to_dict(), len(data.clients))) else [])]
+            *([describe(p)] if (p := privacy_summary(cfg.to_dict(), len(data.clients))) else []),
+            *([f"per-sample DP-SGD: clip {cfg.dp_sgd_clip:g}, noise multiplier {cfg.dp_sgd_noise_multiplier:g}; "
+               "each client reports its epsilon as it trains"] if cfg.has("dp_sgd_clip") and cfg.dp_sgd_clip else [])]
 
 
 def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, resume: bool,
@@ -370,6 +372,10 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
     privacy = privacy_summary(cfg.to_dict(), len(sim.spec.train_class_counts))
     if privacy is not None:
         summary["privacy"] = privacy
+    per_sample = per_sample_summary(cfg.to_dict(), run_dir.read_rows())
+    if per_sample is not None:
+        summary["per_sample_privacy"] = per_sample
+        notice(describe_per_sample(per_sample))
     run_dir.write_results(summary)
     run_dir.write_hparams(cfg.to_dict(), {"final_test_ba": summary["final"]["balanced_accuracy"],
                                           "selected_test_ba": (summary.get("selected") or {}).get("balanced_accuracy"),

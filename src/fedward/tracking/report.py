@@ -714,7 +714,7 @@ def write_report(run_dir: RunDirectory | str | os.PathLike[str]) -> Path:
 
     write_results_csv(run.path / RESULTS_CSV, rows, config_value(config, "client_names"),
                       config_value(config, "class_names"))
-    atomic_write_text(run.report_path, _render_html(run, config, summary, figures))
+    atomic_write_text(run.report_path, _render_html(run, config, summary, figures, rows))
     return run.report_path
 
 
@@ -786,11 +786,13 @@ def _when(run: RunDirectory, config: dict) -> str:
             f"({duration} of wall time, interruptions included)")
 
 
-def _privacy_line(config: dict) -> list[str]:
-    from fedward.algorithms.privacy import describe, privacy_summary
+def _privacy_line(config: dict, rows: list[dict]) -> list[str]:
+    from fedward.algorithms.privacy import describe, describe_per_sample, per_sample_summary, privacy_summary
 
     privacy = privacy_summary(config, len(config.get("client_names") or []))
-    return [f"<p><b>{html.escape(describe(privacy))}</b></p>"] if privacy else []
+    per_sample = per_sample_summary(config, rows)
+    return ([f"<p><b>{html.escape(describe(privacy))}</b></p>"] if privacy else []) + \
+        ([f"<p><b>{html.escape(describe_per_sample(per_sample))}</b></p>"] if per_sample else [])
 
 
 def client_recall_table(rows: list[dict], summary: dict, facts: dict | None,
@@ -838,7 +840,8 @@ def data_section(facts: dict) -> list[str]:
     return lines
 
 
-def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[tuple[str, bytes]]) -> str:
+def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[tuple[str, bytes]],
+                 rows: list[dict]) -> str:
     name = html.escape(run.name)
     method = config_value(config, "method")
     loss = config_value(config, "loss_fn_name")
@@ -854,7 +857,7 @@ def _render_html(run: RunDirectory, config: dict, summary: dict, figures: list[t
         f"<p>method: <b>{html.escape(str(method or '-'))}</b>, loss: <b>{html.escape(str(loss or '-'))}</b>, "
         f"final round: {summary['final_round']}</p>",
         f"<p class='note'>{html.escape(_when(run, config))}</p>",
-        *_privacy_line(config),
+        *_privacy_line(config, rows),
         "<h2>Summary</h2>",
         _html_table(header, body),
         f"<p class='note'>{html.escape(summary['selection'])}</p>",
