@@ -321,7 +321,8 @@ HETERO = dict(client_models="smallcnn,resnet5,smallcnn", stem="small", messenger
                                            ("fedmas", {"pre_trained_models": "random", "free_u": 1}),
                                            ("mhpflid", HETERO), ("fedadam", {}), ("fedyogi", {}), ("fedadagrad", {}),
                                            ("fedavgm", {}), ("scaffold", {"clients_per_round": 2}),  # partial participation
-                                           ("cyclic", {"comm_round": 4})])
+                                           ("cyclic", {"comm_round": 4}),
+                                           ("fedavg", {"dp_sgd_clip": 1.0, "dp_sgd_noise_multiplier": 1.0})])
 def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path, task_identity):
     cfg = build_config(applicable({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", **extra}))
     coordinator, _ = loopback_run(cfg, tmp_path)
@@ -342,9 +343,14 @@ def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path
     taking_part = lambda rows: [(r["round"], r["client"], r["status"]) for r in rows if r["scope"] == "participation"]  # noqa: E731
     assert taking_part(coordinator.run_dir.read_rows()) == taking_part(sim_rows)
     assert (coordinator.run_dir.path / "report.html").is_file() and (coordinator.run_dir.path / "results.json").is_file()
-    # per-image predictions: none at the server; the nodes' files hold the simulation's lines of their clients
+    if cfg.has("dp_sgd_clip") and cfg.dp_sgd_clip is not None:  # each node's own epsilon, reported the same
+        per_sample = json.loads(coordinator.run_dir.results_path.read_text())["per_sample_privacy"]
+        assert per_sample == json.loads(sim_dir.results_path.read_text())["per_sample_privacy"]
+        assert per_sample["epsilon"] is not None
+    # per-image predictions: none at the server; the nodes' files hold the simulation's lines of their
+    # clients (but the validation-selected round's, which takes the pooled validation score)
     assert not list(coordinator.run_dir.path.glob("predictions_*.csv"))
-    sim_files = sorted(sim_dir.path.glob("predictions_*.csv"))
+    sim_files = sorted(f for f in sim_dir.path.glob("predictions_*.csv") if not f.stem.endswith("_selected"))
     assert sim_files
     for sim_file in sim_files:
         header, *sim_lines = sim_file.read_text().splitlines()
