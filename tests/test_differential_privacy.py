@@ -68,6 +68,7 @@ def test_epsilon_of_the_full_participation_gaussian_mechanism_by_hand():
     ({"dp_sgd_clip": 1.0, "dp_clip": 1.0}, "choose client-level or per-sample"),
     ({"method": "local", "dp_sgd_clip": 1.0}, "dp_sgd_clip"),
     ({"dp_sgd_clip": 1.0, "pre_trained_tv": "w.pth"}, "--pre_trained_tv with --dp_sgd_clip"),
+    ({"dp_sgd_clip": 1.0, "instance_sampling": True}, "--instance_sampling with --dp_sgd_clip"),
 ])
 def test_dp_settings_that_cannot_hold_are_refused(tiny_values, values, text):
     with pytest.raises(ConfigError, match=text):

@@ -84,6 +84,9 @@ def check_dp_config(cfg, method: str, reason: str | None, per_sample_reason: str
                               "batch gradient, so a clip of the batch gradient would not act; give one of them")
         if cfg.dp_clip is not None:
             raise ConfigError("--dp_clip with --dp_sgd_clip: choose client-level or per-sample differential privacy")
+        if cfg.instance_sampling:
+            raise ConfigError("--instance_sampling with --dp_sgd_clip: class-balanced draws with replacement are not "
+                              "the sampling the privacy accountant assumes")
         if cfg.has("pre_trained_tv") and cfg.pre_trained_tv is not None:
             raise ConfigError("--pre_trained_tv with --dp_sgd_clip: torchvision's weights go with BatchNorm layers, "
                               "which DP-SGD's model replaces by GroupNorm")
