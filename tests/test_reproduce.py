@@ -281,3 +281,9 @@ def test_a_finished_fedmas_run_on_the_auto_prior_is_reused(tiny_values, tmp_path
     _small_moco_file(priors.default_prior_dir() / priors.MOCO_FILE)
     with pytest.raises(ConfigError, match="other settings \\(prior_path\\)"):
         reproduce(table, out=tmp_path / "out", seeds=[0], options={}, log=lambda line: None)
+
+
+def test_one_seed_shows_no_spread_and_no_interval(tiny_values, tmp_path):
+    files = reproduce(tiny_table(tiny_values), out=tmp_path, seeds=[0], options={}, log=lambda line: None)
+    text = files["markdown"].read_text()
+    assert "±" not in text.split("\n## ", 1)[1] and "| – |" in text and "one seed: no spread" in text

@@ -242,7 +242,11 @@ def reproduce(table: Table, *, out: Path, seeds: list[int], options: dict[str, A
 
 def _cell(values: list[float]) -> str:
     mean, std = mean_and_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"  # one seed: no spread to show
+
+
+def _interval(low: float, high: float, n: int, sign: str = "") -> str:
+    return f"[{low:{sign}.3f}, {high:{sign}.3f}]" if n > 1 else "–"
 
 
 def average_over_clients(per_client: dict[int, dict[str, float]], metric: str) -> float:
@@ -275,7 +279,8 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
                                                              pooled.get((row.label, seed), {}).items()}})
     lines = [f"# {table.title(options)}", "",
              f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); each cell: mean ± std over seeds; "
-             f"Average: the unweighted mean over clients (the paper's), with the 95% t-interval of its mean.", ""]
+             f"Average: the unweighted mean over clients (the paper's), with the 95% t-interval of its mean"
+             + (" (one seed: no spread and no interval yet)." if len(seeds) < 2 else "."), ""]
 
     def summary_row(label: str, metric: str, client: str, values: list[float]) -> None:
         mean, low, high = mean_interval(values)
@@ -293,7 +298,7 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
             for key in ("final", "selected"):
                 values = [pooled[row.label, seed][key] for seed in seeds]
                 _, low, high = mean_interval(values)
-                cells += [_cell(values), f"[{low:.3f}, {high:.3f}]"]
+                cells += [_cell(values), _interval(low, high, len(values))]
                 summary_row(row.label, f"pooled_balanced_accuracy_{key}", "pooled", values)
             lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -306,7 +311,8 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
             cells = [_cell([p[k][metric] for p in per_seed]) for k in clients]
             averages = [average_over_clients(p, metric) for p in per_seed]
             _, low, high = mean_interval(averages)
-            lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_cell(averages)} | [{low:.3f}, {high:.3f}] |")
+            lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_cell(averages)} | "
+                         f"{_interval(low, high, len(averages))} |")
             for k, name in zip(clients, names):
                 summary_row(row.label, metric, name, [p[k][metric] for p in per_seed])
             summary_row(row.label, metric, "Average", averages)
@@ -323,8 +329,8 @@ def write_table(table: Table, rows: list[Row], seeds: list[int], results: dict, 
                 f"Average {dict(table.metrics).get(table.headline, table.headline)}")
         lines += [f"## Paired comparisons ({what}, same seeds)", "",
                   "| comparison | mean difference | 95% interval | seeds |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['comparison']} | {c['mean']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['seeds']} |"
-                  for c in comparisons]
+        lines += [f"| {c['comparison']} | {c['mean']:+.3f} | {_interval(c['ci_low'], c['ci_high'], c['seeds'], '+')} | "
+                  f"{c['seeds']} |" for c in comparisons]
         lines.append("")
     lines += extra or []
     lines += [f"- {note}" for note in table.notes]
