@@ -58,6 +58,21 @@ class _Crash(Exception):
     pass
 
 
+def _crashed_after(tmp_path, values, round_index):
+    """A run in tmp_path/crashed stopped by an exception after round ``round_index``'s checkpoint."""
+
+    def crash(finished):
+        if finished == round_index:
+            raise _Crash
+
+    cfg = build_config(values)
+    run_dir = RunDirectory.create(tmp_path / "crashed")
+    run_dir.write_config(cfg.to_dict())
+    with pytest.raises(_Crash):
+        run(cfg, run_dir, on_round_end=crash)
+    return cfg, run_dir
+
+
 @pytest.mark.parametrize("method", ["fedavg", "moon", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "scaffold", "cyclic"])
 def test_resume_after_crash_gives_identical_metrics(tmp_path, tiny_values, method):
     """Server state (optimizer moments, momentum, control variates) is in the checkpoint, so a run
@@ -65,15 +80,7 @@ def test_resume_after_crash_gives_identical_metrics(tmp_path, tiny_values, metho
     values = {**tiny_values, "comm_round": 3, "method": method, "adam": method != "scaffold", "validate_client": True}
     _, full, _ = _run(tmp_path, "full", values)
 
-    def crash_after_two(round_index):
-        if round_index == 2:
-            raise _Crash
-
-    cfg = build_config(values)
-    run_dir = RunDirectory.create(tmp_path / "crashed")
-    run_dir.write_config(cfg.to_dict())
-    with pytest.raises(_Crash):
-        run(cfg, run_dir, on_round_end=crash_after_two)
+    cfg, run_dir = _crashed_after(tmp_path, values, 2)
     assert max(r["round"] for r in run_dir.read_rows()) == 2
     saved = torch.load(run_dir.checkpoints_dir / "last.pt", weights_only=False)
     assert saved["round"] == 2 and (bool(saved["server_state"]) == (method not in ("fedavg", "moon", "cyclic")))
@@ -242,15 +249,7 @@ def test_selected_round_predictions_are_that_rounds_and_survive_a_resume(tmp_pat
         preds = [int(line["prediction"]) for line in mine]
         assert confusion_matrix(labels, preds, 8).tolist() == row["confusion_matrix"]
 
-    def crash(round_index):
-        if round_index == selected:
-            raise _Crash
-
-    cfg = build_config(values)
-    run_dir = RunDirectory.create(tmp_path / "crashed")
-    run_dir.write_config(cfg.to_dict())
-    with pytest.raises(_Crash):
-        run(cfg, run_dir, on_round_end=crash)
+    cfg, run_dir = _crashed_after(tmp_path, values, selected)
     run(cfg, RunDirectory.open_existing(tmp_path / "crashed"), resume=True)
     for name in ("predictions_global_selected.csv", "predictions_global.csv"):
         assert (run_dir.path / name).read_text() == (full.path / name).read_text()
