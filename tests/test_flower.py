@@ -240,6 +240,16 @@ def test_cli_writes_the_app_and_names_a_missing_tls_choice(tmp_path, tiny_values
 
 
 # -- the round loop over a loopback grid -------------------------------------------------------------
+def over_the_wire(content: RecordDict) -> RecordDict:
+    """A copy of ``content`` as the other end gets it (Flower's protobuf form): no object is shared."""
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(recorddict_to_proto(content).SerializeToString())
+    return recorddict_from_proto(proto)
+
+
 class LoopbackGrid:
     """A Flower Grid in this process: every message goes straight to fedward's ClientApp, with the
     node config of its node. ``down`` nodes are listed but never answer (a killed SuperNode the
@@ -251,6 +261,7 @@ class LoopbackGrid:
         self.down: set[int] = set()
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.node_states = {n: RecordDict() for n in self.node_configs}  # a SuperNode keeps each run's context state
         self.on_push = lambda grid, messages: None
 
     def get_node_ids(self):
@@ -267,14 +278,17 @@ class LoopbackGrid:
             if node_id in self.down:
                 continue
             TaskIdentity.node_id = node_id
-            context = Context(run_id=1, node_id=node_id, node_config=self.node_configs[node_id], state=RecordDict(),
-                              run_config=self.run_config)
+            message = Message(over_the_wire(message.content), message.metadata.dst_node_id,
+                              message.metadata.message_type, ttl=message.metadata.ttl, group_id=message.metadata.group_id)
+            message.metadata.__dict__["_message_id"] = ids[-1]
+            context = Context(run_id=1, node_id=node_id, node_config=self.node_configs[node_id],
+                              state=self.node_states.setdefault(node_id, RecordDict()), run_config=self.run_config)
             try:
                 reply = client_app(message, context)
             except Exception as err:  # a real SuperNode turns a ClientApp exception into an error reply
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
             TaskIdentity.node_id = 0
-            self.replies[message.object_id] = reply
+            self.replies[ids[-1]] = reply
         return ids
 
     def pull_messages(self, message_ids):
@@ -322,7 +336,10 @@ HETERO = dict(client_models="smallcnn,resnet5,smallcnn", stem="small", messenger
                                            ("mhpflid", HETERO), ("fedadam", {}), ("fedyogi", {}), ("fedadagrad", {}),
                                            ("fedavgm", {}), ("scaffold", {"clients_per_round": 2}),  # partial participation
                                            ("cyclic", {"comm_round": 4}),
-                                           ("fedavg", {"dp_sgd_clip": 1.0, "dp_sgd_noise_multiplier": 1.0})])
+                                           ("fedavg", {"dp_sgd_clip": 1.0, "dp_sgd_noise_multiplier": 1.0}),
+                                           ("fedavgm", {"secure_aggregation": True}),
+                                           ("fedmas", {"pre_trained_models": "random", "free_u": 1,
+                                                       "aggregate_method": "mas", "secure_aggregation": True})])
 def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path, task_identity):
     cfg = build_config(applicable({**tiny_values, "method": method, "client_number": 3, "partition_method": "iid", **extra}))
     coordinator, _ = loopback_run(cfg, tmp_path)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from fedward.algorithms.privacy import ClientLevelDP, PerSampleDP
+from fedward.algorithms.privacy import ClientLevelDP, PerSampleDP, SecureAggregation
 from fedward.data.types import ClientData, Split
 from fedward.errors import ConfigError
 from fedward.models import get_model, model_options
@@ -27,6 +27,7 @@ from fedward.options import NON_NEGATIVE, POSITIVE, NoOptions, at_least, option
 from fedward.seeding import seed_globals, torch_generator
 
 if TYPE_CHECKING:
+    from fedward.secure_aggregation import SecureSettings
     from fedward.config import RunConfig
 
 Arrays = dict[str, torch.Tensor]
@@ -145,9 +146,10 @@ class LocalTraining(Epochs):
 
 
 @dataclass
-class GlobalTraining(ClientLevelDP, PerSampleDP, LocalTraining):
+class GlobalTraining(ClientLevelDP, PerSampleDP, SecureAggregation, LocalTraining):
     """The FedAvg family's local training, the "+FT" evaluation of its global model, and
-    client-level and per-sample differential privacy (``fedward.algorithms.privacy``)."""
+    client-level and per-sample differential privacy and secure aggregation
+    (``fedward.algorithms.privacy``)."""
 
     finetune_epochs: int = option(0, "+FT: after the last round each client fine-tunes the final global model for this "
                                      "many epochs on its own train split and is evaluated on its own splits (Collins et "
@@ -395,6 +397,12 @@ class Algorithm:
         """What client ``client_id`` receives of the round's message (default: all of it; KT-pFL sends each
         client its own personalised target only)."""
         return message
+
+    def secure_settings(self, round_index: int) -> "SecureSettings | None":
+        """Round ``round_index``'s secure-aggregation settings; None: the replies reach the server in
+        the clear. A method that returns settings aggregates with ``aggregation_weights`` and
+        ``aggregate_average`` (see :class:`~fedward.algorithms.fedavg.FedAvg`)."""
+        return None
 
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
                   server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:

@@ -35,6 +35,7 @@ class Cyclic(FedAvg):
     summary = "cyclic weight transfer (FLamby's Cyclic): one client trains the model per round, in turn"
     Options = CyclicOptions
     client_dp_refusal = "one client's model is the next round's start, so nothing is averaged for the noise to hide in"
+    secure_aggregation_refusal = "one client trains per round, so there is no sum to hide its model in"
     partial_participation = False
 
     def cycle_order(self, cycle: int, client_ids: list[int]) -> list[int]:

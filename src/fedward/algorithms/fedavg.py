@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from fedward.algorithms.aggregate import example_weights, weighted_average
-from fedward.algorithms.privacy import PerSampleStep, check_dp_config, clip_update, per_sample_epsilon, private_average
+from fedward.algorithms.privacy import (
+    PerSampleStep, add_round_noise, check_dp_config, check_secure_config, clip_update, per_sample_epsilon,
+)
 from fedward.algorithms.registry import register_method
 from fedward.algorithms.base import (
     Algorithm,
@@ -30,6 +32,7 @@ from fedward.algorithms.base import (
 from fedward.data.types import ClientData
 from fedward.errors import ConfigError
 from fedward.losses import build_loss
+from fedward.secure_aggregation import SecureSettings
 from fedward.seeding import torch_generator
 
 # (model, images) -> (logits, anything the extra loss needs)
@@ -112,6 +115,8 @@ class FedAvg(Algorithm):
     # fedward.algorithms.privacy).
     client_dp_refusal: str | None = None
     per_sample_dp_refusal: str | None = None
+    # Why a method cannot run under --secure_aggregation (None: it can; fedward.secure_aggregation).
+    secure_aggregation_refusal: str | None = None
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def forward_fn(self, ws: Workspace, message: ServerMessage, state: dict[str, Any]) -> ForwardFn:
@@ -145,6 +150,8 @@ class FedAvg(Algorithm):
             raise ConfigError("--adam and --adamw: choose one optimizer")
         if cfg.has("dp_clip"):
             check_dp_config(cfg, cls.name, cls.client_dp_refusal, cls.per_sample_dp_refusal)
+        if cfg.has("secure_aggregation"):
+            check_secure_config(cfg, cls.name, cls.secure_aggregation_refusal)
 
     def kept_optimizer(self, params, state: dict[str, Any], key: str, round_index: int) -> torch.optim.Optimizer:
         """The local optimizer at round ``round_index``'s learning rate, with its state from
@@ -226,14 +233,40 @@ class FedAvg(Algorithm):
     # -- server -------------------------------------------------------------------------------
     def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
                   server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
-        return self.combine(round_index, replies, example_weights([r.metrics["num-examples"] for r in replies]))
+        weights = self.aggregation_weights(round_index, replies)
+        average = weighted_average([r.arrays for r in replies], weights)
+        return self.aggregate_average(round_index, global_state, average, weights, server_state)
 
-    def combine(self, round_index: int, replies: list[ClientReply], weights: list[float]) -> tuple[Arrays, dict[str, Any]]:
-        """The replies averaged with ``weights``; under --dp_clip, with equal weights and the round's
-        Gaussian noise instead (``fedward.algorithms.privacy``)."""
-        if self.cfg.has("dp_clip") and self.cfg.dp_clip is not None:
-            state, weights = private_average([r.arrays for r in replies], bound=self.cfg.dp_clip,
-                                             noise_multiplier=self.cfg.dp_noise_multiplier, seed=self.cfg.seed,
-                                             round_index=round_index)
-            return state, {"weights": weights}
-        return weighted_average([r.arrays for r in replies], weights), {"weights": weights}
+    def client_level_dp(self) -> bool:
+        return self.cfg.has("dp_clip") and self.cfg.dp_clip is not None
+
+    def aggregation_weights(self, round_index: int, replies: list[ClientReply]) -> list[float]:
+        """The weight of each reply in the average, from its metrics: num-examples / sum, or under
+        --dp_clip equal weights (the noise is calibrated to an equal-weight average)."""
+        if self.client_level_dp():
+            return [1.0 / len(replies)] * len(replies)
+        return example_weights([r.metrics["num-examples"] for r in replies])
+
+    def secure_weighting(self, round_index: int) -> tuple[str | None, float]:
+        """Under --secure_aggregation: the reply metric each client weights its own update by (None:
+        equal weights) and a bound on it over the federation; :meth:`aggregation_weights` normalised."""
+        if self.client_level_dp():
+            return None, 1.0
+        return "num-examples", float(max(sum(counts) for counts in self.spec.train_class_counts))
+
+    def secure_settings(self, round_index: int) -> SecureSettings | None:
+        cfg = self.cfg
+        if not (cfg.has("secure_aggregation") and cfg.secure_aggregation):
+            return None
+        metric, bound = self.secure_weighting(round_index)
+        return SecureSettings(metric, bound, clipping_range=cfg.secagg_clipping_range, shares=cfg.secagg_shares,
+                              threshold=cfg.secagg_threshold)
+
+    def aggregate_average(self, round_index: int, global_state: Arrays, average: Arrays, weights: list[float],
+                          server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        """The next global model from the replies' weighted average (all that secure aggregation lets
+        the server see); under --dp_clip, with the round's Gaussian noise (``fedward.algorithms.privacy``)."""
+        if self.client_level_dp():
+            average = add_round_noise(average, bound=self.cfg.dp_clip, noise_multiplier=self.cfg.dp_noise_multiplier,
+                                      num_clients=len(weights), seed=self.cfg.seed, round_index=round_index)
+        return average, {"weights": weights}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining
+from fedward.algorithms.base import Arrays, GlobalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import POSITIVE, PROBABILITY_LT1, option
@@ -38,9 +38,9 @@ class FedAvgM(FedAvg):
     def initial_server_state(self, global_state: Arrays) -> dict[str, Any]:
         return {"momentum": {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in self.parameter_names}}
 
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
-                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
-        average, info = super().aggregate(round_index, global_state, replies, server_state)
+    def aggregate_average(self, round_index: int, global_state: Arrays, average: Arrays, weights: list[float],
+                          server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        average, info = super().aggregate_average(round_index, global_state, average, weights, server_state)
         new_state, momentum = dict(average), {}
         for name in self.parameter_names:
             x = global_state[name]

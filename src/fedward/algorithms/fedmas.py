@@ -32,9 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from fedward.algorithms.aggregate import example_weights
 from fedward.algorithms.base import (
-    Arrays,
     ClientReply,
     GlobalTraining,
     ServerMessage,
@@ -143,6 +141,10 @@ class FedMAS(FedAvg):
         if cfg.rf_normalisation != "all" and cfg.aggregate_method == "avg":
             raise ConfigError(f"--rf_normalisation {cfg.rf_normalisation} applies to the MAS aggregations only "
                               "(--aggregate_method is avg)")
+        if cfg.secure_aggregation and cfg.aggregate_method == "mas_drw":
+            raise ConfigError("--secure_aggregation with --aggregate_method mas_DRW: its late-round weights normalise "
+                              "1/RF over all clients before a non-linear step, so no client can weight its own update; "
+                              "use mas or mas_inv")
         if cfg.dp_clip is not None and cfg.aggregate_method != "avg":
             raise ConfigError(f"--dp_clip with --aggregate_method {cfg.aggregate_method}: the MAS weights come from "
                               "each client's class-wise divergences, sent in the clear; DP covers --aggregate_method avg")
@@ -366,15 +368,18 @@ class FedMAS(FedAvg):
             metrics[f"divergence-during-{c}"] = float(w_hat[c])
         return ClientReply(client_id=client.client_id, arrays=arrays, metrics=metrics)
 
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
-                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+    def aggregation_weights(self, round_index: int, replies: list[ClientReply]) -> list[float]:
         method = self.cfg.aggregate_method
+        if method == "avg":  # and under --dp_clip, which needs avg
+            return super().aggregation_weights(round_index, replies)
         counts = [r.metrics["num-examples"] for r in replies]
         factors = [r.metrics["robust-factor"] for r in replies]
-        if method == "avg":
-            weights = example_weights(counts)
-        elif method in ("mas", "mas_inv"):
-            weights = mas_weights(factors)
-        else:
-            weights = mas_drw_weights(factors, counts, round_index=round_index - 1, total_rounds=self.cfg.comm_round)
-        return self.combine(round_index, replies, weights)
+        if method in ("mas", "mas_inv"):
+            return mas_weights(factors)
+        return mas_drw_weights(factors, counts, round_index=round_index - 1, total_rounds=self.cfg.comm_round)
+
+    def secure_weighting(self, round_index: int) -> tuple[str | None, float]:
+        # RF_k = sum_c p_c q_c of two distributions is at most 1; MAS weights are RF_k / sum_j RF_j.
+        if self.cfg.aggregate_method in ("mas", "mas_inv"):
+            return "robust-factor", 1.0
+        return super().secure_weighting(round_index)

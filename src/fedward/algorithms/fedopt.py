@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fedward.algorithms.base import Arrays, ClientReply, GlobalTraining
+from fedward.algorithms.base import Arrays, GlobalTraining
 from fedward.algorithms.fedavg import FedAvg
 from fedward.algorithms.registry import register_method
 from fedward.options import POSITIVE, PROBABILITY_LT1, new_default, option
@@ -69,9 +69,9 @@ class FedOpt(FedAvg):
     def step_size(self, t: int) -> float:
         return self.cfg.server_lr
 
-    def aggregate(self, round_index: int, global_state: Arrays, replies: list[ClientReply],
-                  server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
-        average, info = super().aggregate(round_index, global_state, replies, server_state)
+    def aggregate_average(self, round_index: int, global_state: Arrays, average: Arrays, weights: list[float],
+                          server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        average, info = super().aggregate_average(round_index, global_state, average, weights, server_state)
         beta1, tau = self.cfg.beta1, self.cfg.tau
         t = server_state["t"] + 1
         step = self.step_size(t)

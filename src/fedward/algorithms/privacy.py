@@ -32,14 +32,15 @@ image is drawn independently with probability B / n (Poisson sampling): the usua
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
 from fedward.algorithms.aggregate import weighted_average
 from fedward.errors import ConfigError
-from fedward.options import NON_NEGATIVE, option
+from fedward.options import NON_NEGATIVE, OPEN_UNIT, POSITIVE, option
+from fedward.secure_aggregation import QUANTIZATION_RANGE
 from fedward.seeding import torch_generator
 
 Arrays = dict[str, torch.Tensor]
@@ -65,6 +66,37 @@ class PerSampleDP:
     dp_sgd_noise_multiplier: float = option(0.0, "per-sample DP-SGD: Gaussian noise of std sigma times --dp_sgd_clip "
                                                  "added to each step's sum of clipped gradients (needs --dp_sgd_clip); "
                                                  "0: clipping only, no privacy guarantee", check=NON_NEGATIVE)
+
+
+@dataclass
+class SecureAggregation:
+    secure_aggregation: bool = option(False, "SecAgg+ (Flower's secure aggregation): each client's model update is "
+                                             "quantised and masked, so the server learns only the weighted sum of the "
+                                             "updates (and the replies' scalar metrics); the simulation computes the "
+                                             "same sum (fedward.secure_aggregation)")
+    secagg_clipping_range: float = option(8.0, "SecAgg+: each weighted update entry is clipped to +- this before it is "
+                                               "quantised to 2^22 levels (Flower's clipping_range)", check=POSITIVE)
+    secagg_shares: float = option(1.0, "SecAgg+: the fraction of a round's clients each client shares its keys with "
+                                       "(Flower's num_shares)", check=OPEN_UNIT)
+    secagg_threshold: float = option(0.5, "SecAgg+: the fraction of those shares needed to remove a dropped client's "
+                                          "masks (Flower's reconstruction_threshold): higher is more private and less "
+                                          "tolerant of dropouts", check=OPEN_UNIT)
+
+
+def check_secure_config(cfg, method: str, reason: str | None) -> None:
+    """``reason``: why ``method`` cannot aggregate securely (None: it can)."""
+    if not cfg.secure_aggregation:
+        for f in fields(SecureAggregation):
+            if f.name != "secure_aggregation" and getattr(cfg, f.name) != f.default:
+                raise ConfigError(f"--{f.name} applies with --secure_aggregation true only")
+        return
+    if reason is not None:
+        raise ConfigError(f"--secure_aggregation does not apply to --method {method}: {reason}")
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:  # its SecAgg+ arithmetic serves both engines
+        raise ConfigError("--secure_aggregation uses Flower's SecAgg+: install it with "
+                          "`pip install 'fedward[flower]'`")
 
 
 def check_dp_config(cfg, method: str, reason: str | None, per_sample_reason: str | None) -> None:
@@ -156,6 +188,23 @@ def per_sample_summary(settings: dict, rows: list[dict]) -> dict | None:
             "accountant": "RDP (Opacus), per client over its own steps, Poisson-sampling approximation"}
 
 
+def secure_summary(config: dict, rows: list[dict]) -> dict | None:
+    """``results.json["secure_aggregation"]``: the SecAgg+ settings of a run and the weighted update
+    entries its clipping range cut, summed over rounds and clients (None without it)."""
+    if not config.get("secure_aggregation"):
+        return None
+    clipped = sum(sum(row.get("secure_clipped") or []) for row in rows if row.get("scope") == "aggregation")
+    return {"protocol": "SecAgg+", "clipping_range": config["secagg_clipping_range"],
+            "quantization_levels": QUANTIZATION_RANGE, "shares": config["secagg_shares"],
+            "threshold": config["secagg_threshold"], "clipped_entries": int(clipped)}
+
+
+def describe_secure(summary: dict) -> str:
+    return (f"secure aggregation (Flower's {summary['protocol']}): the server saw only the weighted sum of the clients' "
+            f"updates, quantised to {summary['quantization_levels']} levels in +-{summary['clipping_range']:g} "
+            f"({summary['clipped_entries']} entries clipped); metrics and integer buffers in the clear")
+
+
 def describe_per_sample(summary: dict) -> str:
     eps = ("no guarantee (no noise)" if summary["epsilon"] is None
            else f"epsilon {summary['epsilon']:.3g} (the largest over clients)")
@@ -189,18 +238,25 @@ def noise_std(noise_multiplier: float, bound: float, num_clients: int) -> float:
 
 def private_average(states: Sequence[Arrays], *, bound: float, noise_multiplier: float, seed: int,
                     round_index: int) -> tuple[Arrays, list[float]]:
-    """The equal-weight average of the clipped states with the round's Gaussian noise (drawn from
-    its own seeded stream, entry by entry in the state's order), and the weights used."""
+    """The equal-weight average of the clipped states with the round's Gaussian noise, and the weights used."""
     weights = [1.0 / len(states)] * len(states)
-    average = weighted_average(states, weights)
+    return add_round_noise(weighted_average(states, weights), bound=bound, noise_multiplier=noise_multiplier,
+                           num_clients=len(states), seed=seed, round_index=round_index), weights
+
+
+def add_round_noise(average: Arrays, *, bound: float, noise_multiplier: float, num_clients: int, seed: int,
+                    round_index: int) -> Arrays:
+    """The equal-weight average of ``num_clients`` clipped states (however it was summed: in the clear
+    or by secure aggregation) with the round's Gaussian noise, drawn from its own seeded stream,
+    entry by entry in the state's order."""
     if noise_multiplier > 0:
-        std = noise_std(noise_multiplier, bound, len(states))
+        std = noise_std(noise_multiplier, bound, num_clients)
         generator = torch_generator(seed, "dp-noise", round_index)
         for key, value in average.items():
             if value.is_floating_point():
                 noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * std
                 average[key] = (value.float() + noise).to(value.dtype)
-    return average, weights
+    return average
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:

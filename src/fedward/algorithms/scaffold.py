@@ -49,6 +49,7 @@ class Scaffold(FedAvg):
     Options = ScaffoldOptions
     per_sample_dp_refusal = "its control-variate correction changes the gradient after the backward pass, which DP-SGD's step replaces"
     client_dp_refusal = "its replies carry control variates, which DP-FedAvg's clipping and noise do not cover"
+    secure_aggregation_refusal = "its server also averages the control-variate updates with equal weights, a second sum the secure path does not carry"
 
     @classmethod
     def check_config(cls, cfg) -> None:

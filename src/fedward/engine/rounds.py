@@ -21,8 +21,10 @@ from fedward.config import RunConfig
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import PredictionBlock, Predictions, write_predictions
 from fedward.engine.replies import reply_problem
+from fedward.engine.secure import SecureMean, secure_average
 from fedward import logs
 from fedward.errors import FedwardError
+from fedward.secure_aggregation import CLIPPED_METRIC, SecureSettings
 from fedward.tracking import RunDirectory
 
 # The reply metrics a --verbose line shows per client.
@@ -52,6 +54,11 @@ class Clients(Protocol):
     def train(self, round_index: int, message: ServerMessage, client_ids: list[int],
               evaluate_local: bool) -> list[Outcome]:
         """Run the round's client updates of ``client_ids``; one outcome each."""
+
+    def train_secure(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool,
+                     settings: SecureSettings) -> tuple[list[Outcome], SecureMean | None]:
+        """As :meth:`train` under secure aggregation: the replies hold only what travels in the clear,
+        and the weighted mean of the updates of the ``ok`` ones comes separately (None: no sum)."""
 
     def evaluate(self, round_index: int, global_state: Arrays) -> dict[int, dict[str, Predictions]]:
         """The global model's predictions on each reachable client's val and test splits."""
@@ -138,8 +145,12 @@ class RoundLoop:
         evaluate_now = evaluation_round(cfg, round_index)
         selected = algorithm.select_clients(round_index, self.clients.client_ids(), server_state)
         message = algorithm.server_message(round_index, global_state, server_state)
-        outcomes = self.clients.train(round_index, message, selected,
-                                      (cfg.validate_client or algorithm.personalised) and evaluate_now)
+        evaluate_local = (cfg.validate_client or algorithm.personalised) and evaluate_now
+        secure = algorithm.secure_settings(round_index)
+        if secure is None:
+            outcomes, secure_mean = self.clients.train(round_index, message, selected, evaluate_local), None
+        else:
+            outcomes, secure_mean = self.clients.train_secure(round_index, message, selected, evaluate_local, secure)
         reference = algorithm.reply_reference(global_state, server_state)
         rows: list[dict[str, Any]] = []
         accepted: list[Outcome] = []
@@ -161,7 +172,11 @@ class RoundLoop:
             raise FedwardError(f"round {round_index}: {len(accepted)} usable replies, fewer than the minimum {needed}; "
                                f"resume after round {round_index - 1} with `--resume {self.run_dir.path}`")
         replies = [o.reply for o in accepted]
-        global_state, info = algorithm.aggregate(round_index, global_state, replies, server_state)
+        if secure is None:
+            global_state, info = algorithm.aggregate(round_index, global_state, replies, server_state)
+        else:
+            global_state, info = self._aggregate_secure(round_index, global_state, outcomes, accepted, secure_mean,
+                                                        server_state)
         for outcome in accepted:
             rows.extend(outcome.rows)
             metrics = outcome.reply.metrics
@@ -187,6 +202,29 @@ class RoundLoop:
         if blocks:  # in one process; a Flower server gets none (each node writes its own)
             write_predictions(self.run_dir.path, blocks, self.spec.class_names)
         return global_state, rows
+
+    def _aggregate_secure(self, round_index: int, global_state: Arrays, outcomes: list[Outcome],
+                          accepted: list[Outcome], secure_mean: SecureMean | None,
+                          server_state: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+        """The method's server step on the secure mean. A reply the checks reject cannot be taken out
+        of the sum, so it stops the round."""
+        resume = f"resume after round {round_index - 1} with `--resume {self.run_dir.path}`"
+        rejected = [o for o in outcomes if o.status == "rejected"]
+        if rejected:
+            raise FedwardError(f"round {round_index}: client {rejected[0].client_id}'s reply is rejected "
+                               f"({rejected[0].reason}) but its update is inside the secure sum, which cannot be taken "
+                               f"apart; {resume}")
+        if secure_mean is None:
+            raise FedwardError(f"round {round_index}: no secure sum (it needs at least 2 clients whose protocol "
+                               f"completes; {len(accepted)} replied); {resume}")
+        replies = [o.reply for o in accepted]
+        clipped = sum(r.metrics.get(CLIPPED_METRIC, 0.0) for r in replies)
+        if clipped:
+            self.log(f"round {round_index}: secure aggregation clipped {clipped:.0f} weighted update entries to "
+                     f"+-{self.cfg.secagg_clipping_range:g}; raise --secagg_clipping_range")
+        weights = self.algorithm.aggregation_weights(round_index, replies)
+        average = secure_average(global_state, secure_mean, replies, weights)
+        return self.algorithm.aggregate_average(round_index, global_state, average, weights, server_state)
 
     def _keep_if_selected(self, round_index: int, evaluated: list[dict[str, Any]],
                           blocks: list[PredictionBlock]) -> None:

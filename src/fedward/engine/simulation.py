@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 import torch
 from fedward.algorithms import Algorithm, ClientReply, ServerMessage, TaskSpec, Workspace, get_algorithm
-from fedward.algorithms.privacy import describe, describe_per_sample, per_sample_summary, privacy_summary
+from fedward.algorithms.privacy import (
+    describe, describe_per_sample, describe_secure, per_sample_summary, privacy_summary, secure_summary,
+)
 from fedward.config import RunConfig
 from fedward.data.augment import BatchAugment, normalize
 from fedward.data.types import ClientData, FederatedData, Split
@@ -25,6 +27,7 @@ from fedward.engine import checkpoint as ckpt
 from fedward.engine.client_states import CLIENT_STATES_FOLDER, ClientStateStore
 from fedward.engine.evaluation import PredictionBlock, Predictions, predict
 from fedward.engine.rounds import Outcome, RoundLoop
+from fedward.engine.secure import SecureMean, secure_in_process
 from fedward.engine.setup import (
     configure_threads,
     cpu_cores,
@@ -36,6 +39,7 @@ from fedward.engine.setup import (
     resolve_devices,
     task_spec,
 )
+from fedward.secure_aggregation import SecureSettings
 from fedward.seeding import seed_globals, torch_generator
 from fedward.tracking import RunDirectory
 from fedward.tracking.rundir import new_run_folder
@@ -247,6 +251,11 @@ class SimulationClients:
                                     on_result=keep)
         return [Outcome(r.reply.client_id, r.reply, r.rows, predictions=r.predictions) for r in results]
 
+    def train_secure(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool,
+                     settings: SecureSettings) -> tuple[list[Outcome], SecureMean | None]:
+        outcomes = self.train(round_index, message, client_ids, evaluate_local)
+        return secure_in_process(outcomes, message.arrays, settings, self.sim.cfg.seed, round_index)
+
     def evaluate(self, round_index: int, global_state) -> dict[int, dict[str, Predictions]]:
         return self.sim.global_predictions(global_state)
 
@@ -287,7 +296,10 @@ def startup_lines(cfg: RunConfig, data: FederatedData, sim: "Simulation", device
             f"device: {', '.join(devices)}, {threads} torch thread(s) per worker; output: {run_dir.path}",
             *([describe(p)] if (p := privacy_summary(cfg.to_dict(), len(data.clients))) else []),
             *([f"per-sample DP-SGD: clip {cfg.dp_sgd_clip:g}, noise multiplier {cfg.dp_sgd_noise_multiplier:g}; "
-               "each client reports its epsilon as it trains"] if cfg.has("dp_sgd_clip") and cfg.dp_sgd_clip else [])]
+               "each client reports its epsilon as it trains"] if cfg.has("dp_sgd_clip") and cfg.dp_sgd_clip else []),
+            *([f"secure aggregation: SecAgg+, updates clipped to +-{cfg.secagg_clipping_range:g} and quantised; the "
+               "server sees only their weighted sum"] if cfg.has("secure_aggregation") and cfg.secure_aggregation
+              else [])]
 
 
 def _run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None, resume: bool,
@@ -376,6 +388,10 @@ def finish(cfg: RunConfig, run_dir: RunDirectory, sim: Simulation, global_state,
     if per_sample is not None:
         summary["per_sample_privacy"] = per_sample
         notice(describe_per_sample(per_sample))
+    secure = secure_summary(cfg.to_dict(), run_dir.read_rows())
+    if secure is not None:
+        summary["secure_aggregation"] = secure
+        notice(describe_secure(secure))
     run_dir.write_results(summary)
     run_dir.write_hparams(cfg.to_dict(), {"final_test_ba": summary["final"]["balanced_accuracy"],
                                           "selected_test_ba": (summary.get("selected") or {}).get("balanced_accuracy"),

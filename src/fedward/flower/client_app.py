@@ -1,7 +1,8 @@
 """The Flower ClientApp. It imports Flower only: each message's records go to the node's warm
 worker (:mod:`fedward.flower.worker`, started by ``fedward flower supernode``) when one listens,
 and are otherwise handled here (:mod:`fedward.flower.handlers`, the same code), as in Flower's
-simulation runtime or a SuperNode started without fedward.
+simulation runtime or a SuperNode started without fedward. Under ``--secure_aggregation`` a train
+reply is masked here, by Flower's SecAgg+ mod (:mod:`fedward.flower.secagg`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedward.flower.secagg import secure_mod
 from fedward.flower.worker import WORKER_KEY, forward
 
-app = ClientApp()
+app = ClientApp(mods=[secure_mod])  # the SecAgg+ rounds of --secure_aggregation; other messages pass through
 
 
 def _answer(kind: str, msg: Message, context: Context) -> Message:

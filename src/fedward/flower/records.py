@@ -14,6 +14,8 @@ key            record             content
 =============  =================  ==========================================================
 
 Nothing else is ever put in a message: the privacy test reads these back on the server side.
+Under ``--secure_aggregation`` a train reply instead holds Flower's SecAgg+ records and
+``secure-clear`` (:mod:`fedward.flower.secagg`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedward.algorithms.base import Arrays, ClientReply, ServerMessage, TaskSpec
 
-ARRAYS, CONFIG, METRICS, FACTS, REPORT = "arrays", "config", "metrics", "facts", "report"
-CLIENT_ID = "client-id"  # the metric naming the replying client
+from fedward.flower.keys import ARRAYS, CLIENT_ID, CONFIG, FACTS, METRICS, REPORT  # noqa: F401  (re-exported)
 
 
 def to_array_record(arrays: Arrays) -> ArrayRecord:

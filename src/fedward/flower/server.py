@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from flwr.app import ConfigRecord, Message, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedward.algorithms import Algorithm, TaskSpec, get_algorithm
 from fedward.algorithms.base import Arrays
@@ -33,13 +34,15 @@ from fedward.config import RunConfig
 from fedward.engine import checkpoint as ckpt
 from fedward.engine.evaluation import Predictions
 from fedward.engine.rounds import Outcome, RoundLoop
+from fedward.engine.secure import SecureMean
 from fedward.engine.setup import initial_global_state, model_builder, notice
 from fedward.engine.simulation import finish
 from fedward.errors import ConfigError, FedwardError
 from fedward.flower.records import (
-    ARRAYS, CONFIG, decode_facts, decode_reply, decode_report, encode_server_message, spec_to_json, summary_of,
+    ARRAYS, CONFIG, METRICS, REPORT, decode_facts, decode_reply, decode_report, encode_server_message, spec_to_json, summary_of,
     to_array_record,
 )
+from fedward.secure_aggregation import CLEAR_RECORD, SecureSettings
 from fedward.tracking import RunDirectory
 from fedward.tracking.rundir import atomic_write_text
 
@@ -111,8 +114,12 @@ class Coordinator:
     def exchange(self, contents: dict[int, RecordDict], message_type: str, group: str,
                  timeout: float) -> dict[int, Message | str]:
         """Send one message per node; each node's reply, or why there is none."""
-        node_ids = list(contents)
-        messages = [Message(contents[n], n, message_type, ttl=timeout, group_id=group) for n in node_ids]
+        messages = [Message(contents[n], n, message_type, ttl=timeout, group_id=group) for n in contents]
+        return self.push_and_pull(messages, timeout)
+
+    def push_and_pull(self, messages: list[Message], timeout: float) -> dict[int, Message | str]:
+        """Push ``messages`` (one per node); each node's reply, or why there is none."""
+        node_ids = [m.metadata.dst_node_id for m in messages]
         message_ids = list(self.grid.push_messages(messages))
         answers: dict[int, Message | str] = {}
         pending: dict[str, int] = {}
@@ -293,7 +300,9 @@ class Coordinator:
     def checkpointed(self, round_index: int) -> None:
         pass  # each client's state is on its node, which keeps its last rounds
 
-    def train(self, round_index: int, message, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
+    def _round_messages(self, round_index: int, message, client_ids: list[int], evaluate_local: bool):
+        """The connected participants, the round's records for each (by node) and the outcomes of
+        the clients that are not connected."""
         wanted = set(client_ids)
         self.wait_for(lambda: len(wanted & set(self.clients())), lambda: self.min_replies(len(wanted)),
                       f"round {round_index}")
@@ -303,6 +312,10 @@ class Coordinator:
         extra = {"spec": spec_to_json(self.spec), "run-key": self.run_key, "evaluate-local": evaluate_local}
         contents = {p.node_id: encode_server_message(self.algorithm.client_message(message, p.client_id), extra)
                     for p in participants}
+        return participants, contents, outcomes
+
+    def train(self, round_index: int, message, client_ids: list[int], evaluate_local: bool) -> list[Outcome]:
+        participants, contents, outcomes = self._round_messages(round_index, message, client_ids, evaluate_local)
         answers = self.exchange(contents, "train", f"round-{round_index}", self.settings.round_timeout)
         for p in participants:
             answer = answers[p.node_id]
@@ -327,6 +340,36 @@ class Coordinator:
                 self.refused[p.node_id] = time.monotonic()
             outcomes.append(outcome)
         return outcomes
+
+    def train_secure(self, round_index: int, message, client_ids: list[int], evaluate_local: bool,
+                     settings: SecureSettings) -> tuple[list[Outcome], SecureMean | None]:
+        """A round under SecAgg+: the nodes' updates reach the server only as their weighted mean;
+        each reply's metrics, integer buffers and evaluation report come in the clear."""
+        from fedward.flower.secagg import secure_round
+
+        participants, contents, outcomes = self._round_messages(round_index, message, client_ids, evaluate_local)
+        mean, replies, failures = secure_round(self.push_and_pull, round_index, contents, settings,
+                                               self.settings.round_timeout)
+        names: list[str] | None = None
+        for p in participants:
+            if p.node_id in failures:
+                outcomes.append(Outcome(p.client_id, None, status="dropped", reason=failures[p.node_id], node=p.node_id))
+                continue
+            content = replies[p.node_id].content
+            self.audit(round_index, "train", p, content)
+            clear = json.loads(content[CLEAR_RECORD]["json"])
+            reply, report = decode_reply(RecordDict({METRICS: content[METRICS], ARRAYS: ArrayRecord(),
+                                                     **({REPORT: content[REPORT]} if REPORT in content else {})}))
+            reply.arrays = {name: torch.tensor(entry["values"], dtype=message.arrays[name].dtype).reshape(entry["shape"])
+                            for name, entry in clear["clear"].items()}
+            outcome = Outcome(p.client_id, reply, report or [], node=p.node_id)
+            if reply.client_id != p.client_id:
+                outcome.status, outcome.reason = "rejected", f"the reply names client {reply.client_id}"
+            names = clear["names"] if names is None else names
+            if clear["names"] != names:
+                outcome.status, outcome.reason = "rejected", "its update covers other arrays than the others'"
+            outcomes.append(outcome)
+        return outcomes, (SecureMean(names, mean, len(replies)) if mean is not None else None)
 
     def evaluate(self, round_index: int, global_state: Arrays, *,
                  finetune: bool = False) -> dict[int, dict[str, Predictions]]:

@@ -787,12 +787,16 @@ def _when(run: RunDirectory, config: dict) -> str:
 
 
 def _privacy_line(config: dict, rows: list[dict]) -> list[str]:
-    from fedward.algorithms.privacy import describe, describe_per_sample, per_sample_summary, privacy_summary
+    from fedward.algorithms.privacy import (
+        describe, describe_per_sample, describe_secure, per_sample_summary, privacy_summary, secure_summary,
+    )
 
     privacy = privacy_summary(config, len(config.get("client_names") or []))
     per_sample = per_sample_summary(config, rows)
+    secure = secure_summary(config, rows)
     return ([f"<p><b>{html.escape(describe(privacy))}</b></p>"] if privacy else []) + \
-        ([f"<p><b>{html.escape(describe_per_sample(per_sample))}</b></p>"] if per_sample else [])
+        ([f"<p><b>{html.escape(describe_per_sample(per_sample))}</b></p>"] if per_sample else []) + \
+        ([f"<p><b>{html.escape(describe_secure(secure))}</b></p>"] if secure else [])
 
 
 def client_recall_table(rows: list[dict], summary: dict, facts: dict | None,
