@@ -49,3 +49,13 @@ def small_prior(tmp_path_factory):
     train_moco(images, MocoSettings(arch="resnet8", image_size=16, batch_size=16, bn_groups=2, epochs=0, feature_dim=8),
                path, progress=False, log=lambda m: None)
     return str(path)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's task identity, which its ClientApp reads, as a SuperNode would set it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

@@ -295,13 +295,6 @@ class LoopbackGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
-@pytest.fixture
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 def loopback_run(cfg, tmp_path, *, clients=3, node_ids=None, drill="", min_clients=0, on_push=None, logs=None):
     node_ids = node_ids or [101 + k for k in range(clients)]
     nodes = {n: {"client-id": k, "state-dir": str(tmp_path / "nodes")} for k, n in enumerate(node_ids)}
@@ -407,6 +400,27 @@ def test_dropout_bad_reply_and_rejoin(tiny_values, tmp_path, task_identity):
     assert any("round 2: client 2 (node 103) dropped" in line for line in logs)
     assert any("client 2 (client_2) joined as node 203" in line for line in logs) and raise_rejoin
     assert (coordinator.run_dir.path / "final_model.pt").is_file()
+
+
+def test_secure_aggregation_leaves_out_a_node_whose_update_cannot_be_summed(tiny_values, tmp_path, task_identity):
+    """Round 1: client 1's update holds a NaN, so its node refuses to mask it (an error reply) and
+    SecAgg+ removes its masks from the other two's sum; round 2: all three."""
+    cfg = build_config({**tiny_values, "method": "fedavg", "client_number": 3, "partition_method": "iid",
+                        "comm_round": 2, "secure_aggregation": True})
+    coordinator, _ = loopback_run(cfg, tmp_path, drill="1:1:nan", min_clients=2)
+    rows = coordinator.run_dir.read_rows()
+    taking_part = {(r["round"], r["client"]): (r["status"], r.get("reason", "")) for r in rows
+                   if r["scope"] == "participation"}
+    assert taking_part[(1, 1)][0] == "dropped" and "NaN" in taking_part[(1, 1)][1]
+    assert {r["round"]: r["clients"] for r in rows if r["scope"] == "aggregation"} == {1: [0, 2], 2: [0, 1, 2]}
+    audit = [json.loads(line) for line in (coordinator.run_dir.path / "messages.jsonl").read_text().splitlines()]
+    trains = [line for line in audit if line["type"] == "train"]
+    # what the server kept of each train reply: no array in any record (the masked update is one
+    # vector of integers in Flower's SecAgg+ record)
+    assert len(trains) == 5
+    assert all("arrays" not in line["records"] and "masked_params" in line["records"]["secaggplus_configs"]
+               and all(v == {} for v in line["records"].values() if isinstance(v, dict)) for line in trains)
+    assert json.loads(coordinator.run_dir.results_path.read_text())["secure_aggregation"]["clipped_entries"] == 0
 
 
 def _stop_in_round_then_resume(cfg, tmp_path, stop_round: int) -> list[str]:
