@@ -178,6 +178,7 @@ BASE = dict(model="smallcnn", comm_round=1, client_number=3, partition_method="i
     ({"method": "fedmas", "pre_trained_models": "random", "aggregate_method": "mas_DRW", "secure_aggregation": True},
      "mas_DRW"),
     ({"method": "fedavg", "secagg_clipping_range": 4.0}, "--secagg_clipping_range applies with --secure_aggregation"),
+    ({"method": "fedavg", "secure_aggregation": True, "clients_per_round": 1}, "needs at least 2 clients a round"),
 ])
 def test_refusals_name_the_reason(settings, message):
     with pytest.raises(ConfigError, match=message):

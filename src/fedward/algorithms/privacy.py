@@ -92,6 +92,9 @@ def check_secure_config(cfg, method: str, reason: str | None) -> None:
         return
     if reason is not None:
         raise ConfigError(f"--secure_aggregation does not apply to --method {method}: {reason}")
+    if cfg.clients_per_round == 1:
+        raise ConfigError("--secure_aggregation with --clients_per_round 1: a sum of one update is that update; "
+                          "SecAgg+ needs at least 2 clients a round")
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None:  # its SecAgg+ arithmetic serves both engines
