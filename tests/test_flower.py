@@ -358,9 +358,10 @@ def test_loopback_run_equals_the_simulation(method, extra, tiny_values, tmp_path
         assert per_sample == json.loads(sim_dir.results_path.read_text())["per_sample_privacy"]
         assert per_sample["epsilon"] is not None
     # per-image predictions: none at the server; the nodes' files hold the simulation's lines of their
-    # clients (but the validation-selected round's, which takes the pooled validation score)
+    # clients (but the global model's at the validation-selected round, which takes the pooled
+    # validation score; a personalised client's own selected round is its node's to keep)
     assert not list(coordinator.run_dir.path.glob("predictions_*.csv"))
-    sim_files = sorted(f for f in sim_dir.path.glob("predictions_*.csv") if not f.stem.endswith("_selected"))
+    sim_files = sorted(f for f in sim_dir.path.glob("predictions_*.csv") if f.stem != "predictions_global_selected")
     assert sim_files
     for sim_file in sim_files:
         header, *sim_lines = sim_file.read_text().splitlines()

@@ -280,3 +280,44 @@ def test_a_short_run_scores_every_local_model_and_is_reproducible(tmp_path, tiny
         saved_a = torch.load(a.client_model_path(k), weights_only=False)["state_dict"]
         saved_b = torch.load(b.client_model_path(k), weights_only=False)["state_dict"]
         assert set(saved_a) == set(x) and equal(saved_a, saved_b)
+
+
+def test_each_clients_selected_round_predictions_are_its_local_models_at_that_round(tmp_path, tiny_values):
+    """predictions_local_selected.csv: per client, its local model's per-image predictions at the
+    round the summary selects for it (its own validation balanced accuracy), also after a resume."""
+    import csv
+    import json
+
+    from fedward.metrics import confusion_matrix
+
+    values = {**tiny_values, "method": "ditto", "comm_round": 4, "eval_every": 1, "lr": 0.05}
+    full = _run(tmp_path, "full", values)
+    chosen = json.loads(full.results_path.read_text())["per_client_selected_round"]
+    assert any(r < values["comm_round"] for r in chosen.values())  # not simply the final round
+    with open(full.path / "predictions_local_selected.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    rows = [r for r in full.read_rows() if r["scope"] == "client" and r["model"] == "local" and r["data"] == "client"]
+    for client, selected in chosen.items():
+        mine = [line for line in lines if line["client"] == str(client)]
+        assert {line["round"] for line in mine} == {str(selected)}
+        for split in ("val", "test"):
+            (row,) = [r for r in rows if r["client"] == int(client) and r["round"] == selected and r["split"] == split]
+            part = [line for line in mine if line["split"] == split]
+            labels, preds = [int(line["label"]) for line in part], [int(line["prediction"]) for line in part]
+            assert confusion_matrix(labels, preds, 8).tolist() == row["confusion_matrix"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(finished):
+        if finished == 2:
+            raise Stop
+
+    cfg = build_config(values)
+    crashed = RunDirectory.create(tmp_path / "crashed")
+    crashed.write_config(cfg.to_dict())
+    with pytest.raises(Stop):
+        run(cfg, crashed, on_round_end=stop_after_2)
+    run(cfg, RunDirectory.open_existing(tmp_path / "crashed"), resume=True)
+    assert (crashed.path / "predictions_local_selected.csv").read_text() == \
+        (full.path / "predictions_local_selected.csv").read_text()

@@ -43,6 +43,7 @@ class Outcome:
     reason: str | None = None
     node: int | None = None
     predictions: list[PredictionBlock] = field(default_factory=list)  # per image, where they may be kept
+    selected_predictions: list[PredictionBlock] = field(default_factory=list)  # its local model's, val-selected
 
 
 class Clients(Protocol):
@@ -201,6 +202,9 @@ class RoundLoop:
             blocks += prediction_blocks(round_index, predictions, "finetuned")
         if blocks:  # in one process; a Flower server gets none (each node writes its own)
             write_predictions(self.run_dir.path, blocks, self.spec.class_names)
+        selected_blocks = [block for outcome in accepted for block in outcome.selected_predictions] if final else []
+        if selected_blocks:
+            write_predictions(self.run_dir.path, selected_blocks, self.spec.class_names, selected=True)
         return global_state, rows
 
     def _aggregate_secure(self, round_index: int, global_state: Arrays, outcomes: list[Outcome],

@@ -8,6 +8,8 @@ with exactly the metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import math
+
 import shutil
 import time
 from collections.abc import Iterable
@@ -61,6 +63,29 @@ class ClientResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     predictions: list[PredictionBlock] = field(default_factory=list)  # the final round's, per image
+    selected_predictions: list[PredictionBlock] = field(default_factory=list)  # at the client's val-selected round
+
+
+SELECTED_LOCAL = "selected-local-predictions"  # client state: its local model's val-selected predictions
+
+
+def keep_if_selected(state: dict[str, Any], round_index: int, client_id: int,
+                     scored: dict[str, tuple[dict[str, Any], Predictions]]) -> None:
+    """A personalised client's part of the summary's per-client selection (the earliest round with
+    the highest balanced accuracy of its local model on its own validation split, NaN never
+    winning): that round's per-image predictions, kept in its state until the last round writes
+    them (predictions_local_selected.csv), so a resumed run keeps them too."""
+    if "val" not in scored or "test" not in scored:
+        return
+    score = scored["val"][0].get("balanced_accuracy")
+    if score is None or math.isnan(score):
+        return
+    best = state.get(SELECTED_LOCAL)
+    if best is None or score > best["score"]:
+        blocks = [pred.block(round=round_index, model="local", client=client_id, split=split)
+                  for split, (_, pred) in scored.items()]
+        state[SELECTED_LOCAL] = {"score": float(score), "round": round_index,
+                                 "blocks": [b for b in blocks if b is not None]}
 
 
 class Simulation:
@@ -115,8 +140,9 @@ class Simulation:
         local = self.algorithm.local_model_state(reply, state) if evaluate_local else None
         if local is not None:
             rows, blocks = self.local_rows(task.round, client, local, state)
+        selected = state.get(SELECTED_LOCAL, {}).get("blocks", []) if task.round == self.cfg.comm_round else []
         return ClientResult(reply=reply, state=state, rows=rows, seconds=time.perf_counter() - start,
-                            predictions=blocks)
+                            predictions=blocks, selected_predictions=selected)
 
     def client(self, client_id: int) -> ClientData:
         """The training client with this id (a Flower node holds only its own)."""
@@ -135,15 +161,19 @@ class Simulation:
         # The local model, then any diagnostic predictor the method offers (MH-pFLID's messenger path).
         predictors = {"local": model, **self.algorithm.diagnostic_models(self.workspace, client, state or {})}
         for name, predictor in predictors.items():
+            scored: dict[str, tuple[dict[str, Any], Predictions]] = {}
             for split_name in ("val", "test"):
                 split = getattr(client, split_name)
                 if len(split):
                     pred = self._predict(predictor, split)
                     rows.append(pred.row(self.spec.num_classes, round=round_index, scope="client",
                                          client=client.client_id, model=name, data="client", split=split_name))
+                    scored[split_name] = (rows[-1], pred)
                     if round_index == self.cfg.comm_round:
                         blocks.append(pred.block(round=round_index, model=name, client=client.client_id,
                                                  split=split_name))
+            if name == "local" and self.algorithm.personalised and state is not None:
+                keep_if_selected(state, round_index, client.client_id, scored)
         if self.algorithm.personalised and self.pooled_local_rows:
             # FLamby's "Local i" rows: each local model on the pooled test set too.
             if self._pooled_test is None:
@@ -249,7 +279,8 @@ class SimulationClients:
 
         results = self.executor.run(tasks, len(client_ids), evaluate_local=evaluate_local, progress=self.progress,
                                     on_result=keep)
-        return [Outcome(r.reply.client_id, r.reply, r.rows, predictions=r.predictions) for r in results]
+        return [Outcome(r.reply.client_id, r.reply, r.rows, predictions=r.predictions,
+                        selected_predictions=r.selected_predictions) for r in results]
 
     def train_secure(self, round_index: int, message: ServerMessage, client_ids: list[int], evaluate_local: bool,
                      settings: SecureSettings) -> tuple[list[Outcome], SecureMean | None]:

@@ -187,6 +187,8 @@ class NodeRuntime:
         store.save(message.round, result.state)
         if result.predictions:  # per-image predictions stay here, beside the hospital's data
             write_predictions(store.folder, result.predictions, sim.spec.class_names)
+        if result.selected_predictions:
+            write_predictions(store.folder, result.selected_predictions, sim.spec.class_names, selected=True)
         if sim.algorithm.personalised and message.round == self.cfg.comm_round:
             payload = client_model_payload(self.cfg, sim.spec, sim.algorithm, self.client.client_id, result.state)
             if payload is not None:  # the personalised model stays here, on the hospital's machine
