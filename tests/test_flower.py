@@ -420,7 +420,11 @@ def test_secure_aggregation_leaves_out_a_node_whose_update_cannot_be_summed(tiny
     # vector of integers in Flower's SecAgg+ record)
     assert len(trains) == 5
     assert all("arrays" not in line["records"] and "masked_params" in line["records"]["secaggplus_configs"]
-               and all(v == {} for v in line["records"].values() if isinstance(v, dict)) for line in trains)
+               for line in trains)
+    stages = {line["type"] for line in audit} - {"train", "evaluate"}
+    assert stages == {"secagg-setup", "secagg-share-keys", "secagg-unmask"}  # every stage's records are audited
+    assert all(v == {} for line in audit if line["type"] != "evaluate" for v in line["records"].values()
+               if isinstance(v, dict))
     assert json.loads(coordinator.run_dir.results_path.read_text())["secure_aggregation"]["clipped_entries"] == 0
 
 

@@ -166,11 +166,12 @@ def check_privacy(method: str, values: dict, run_dir: RunDirectory) -> None:
     algorithm = get_algorithm(method)(cfg, spec, model_builder(cfg, spec))
     declared = algorithm.declared_reply_keys(algorithm.build_model().state_dict())
     audit = [json.loads(line) for line in (run_dir.path / "messages.jsonl").read_text().splitlines()]
-    assert {line["type"] for line in audit} <= {"train", "evaluate"} and len(audit) >= 3
     secure = cfg.has("secure_aggregation") and cfg.secure_aggregation
+    stages = {"secagg-setup", "secagg-share-keys", "secagg-unmask"} if secure else set()
+    assert {line["type"] for line in audit} <= {"train", "evaluate"} | stages and len(audit) >= 3
     for line in audit:
-        if secure and line["type"] == "train":  # no array at all: the update is masked in Flower's record
-            assert "masked_params" in line["records"]["secaggplus_configs"] and "arrays" not in line["records"]
+        if line["type"] in stages or (secure and line["type"] == "train"):  # keys, shares, masked vectors
+            assert "arrays" not in line["records"]
             assert all(value == {} for value in line["records"].values() if isinstance(value, dict))
             continue
         assert set(line["records"]) <= {"arrays", "metrics", "report"}

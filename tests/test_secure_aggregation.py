@@ -140,7 +140,8 @@ class Federation:
 
 def test_flowers_protocol_gives_the_simulations_mean_and_the_server_never_sees_an_update(task_identity):
     federation = Federation()
-    mean, masked_replies, failures = federation.round()
+    result = federation.round()
+    mean, masked_replies, failures = result.mean, result.masked_replies, result.failures
     assert not failures and sorted(masked_replies) == [100, 101, 102] and sorted(federation.trained_nodes) == [0, 1, 2]
     _, simulated = secure_in_process([Outcome(r.client_id, r) for r in replies()], START, SETTINGS, seed=0, round_index=1)
     assert [a.tolist() for a in mean] == [a.tolist() for a in simulated.mean]  # bit for bit
@@ -162,7 +163,8 @@ def test_flowers_protocol_gives_the_simulations_mean_and_the_server_never_sees_a
 
 
 def test_a_node_that_fails_mid_protocol_is_left_out_and_the_others_are_summed(task_identity):
-    mean, masked_replies, failures = Federation(failing=2).round()
+    result = Federation(failing=2).round()
+    mean, masked_replies, failures = result.mean, result.masked_replies, result.failures
     assert sorted(masked_replies) == [100, 101] and list(failures) == [102]
     assert "the node died while training" in failures[102]
     _, two = secure_in_process([Outcome(r.client_id, r) for r in replies()[:2]], START, SETTINGS, seed=0, round_index=1)
@@ -189,3 +191,31 @@ def test_a_mean_over_other_clients_than_the_replies_is_refused():
     mean = SecureMean(["b", "w"], [np.zeros(2), np.zeros((2, 3))], num_clients=2)
     with pytest.raises(Exception, match="holds 2 clients' updates but 3 replies"):
         secure_average(START, mean, replies(), [1 / 3] * 3)
+
+
+def test_a_weight_above_the_bound_is_refused_on_the_client():
+    start, mine = {k: v.numpy() for k, v in START.items()}, {k: v.numpy() for k, v in trained(0).items()}
+    with pytest.raises(ValueError, match="num-examples = 250 is outside"):
+        client_update(start, mine, {"num-examples": 250.0}, json.loads(SETTINGS.client_json()))
+
+
+def test_small_updates_are_rounded_at_random_not_fixed():
+    """In float64 an entry of 3e-7 (below a quarter level once 8 is added in float32) still rounds
+    up or down at random, so its mean over many draws is the entry."""
+    start, mine = {"w": np.zeros(20000, dtype=np.float32)}, {"w": np.full(20000, 3e-7, dtype=np.float32)}
+    update = client_update(start, mine, {}, {"weight_metric": None, "max_weight": 1.0, "clipping_range": 8.0})
+    levels = quantised(update, 1.0, 8.0, seed=1)[1] - QUANTIZATION_RANGE // 2
+    step = 16 / QUANTIZATION_RANGE
+    assert set(np.unique(levels).tolist()) == {0, 1}
+    assert abs(levels.mean() * step - 3e-7) < 0.1 * 3e-7
+
+
+def test_a_method_with_its_own_aggregate_is_refused():
+    from fedward.algorithms.fedavg import FedAvg
+
+    class Median(FedAvg):
+        def aggregate(self, round_index, global_state, replies, server_state):
+            raise NotImplementedError
+
+    with pytest.raises(ConfigError, match="its server step is its own aggregate"):
+        Median.check_config(build_config({**BASE, "method": "fedavg", "secure_aggregation": True}))

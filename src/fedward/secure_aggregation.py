@@ -28,10 +28,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-# Flower's SecAgg+ defaults: 2^22 quantisation levels, masks modulo 2^32 (so up to 1024 clients
-# can be summed without overflow).
+# Flower's SecAgg+ defaults: 2^22 quantisation levels, masks modulo 2^32. Each client's weight
+# factor is at most 2^22, so the summed factor stays below 2^32 for at most 1023 clients a round.
 QUANTIZATION_RANGE = 1 << 22
 MODULUS_RANGE = 1 << 32
+MAX_CLIENTS = MODULUS_RANGE // QUANTIZATION_RANGE - 1
 SECURE_CONFIG = "secure-aggregation"  # key of the train message's config: the client's side of the settings
 CLEAR_RECORD = "secure-clear"  # reply record: what travels in the clear (array names, integer buffers)
 CLIPPED_METRIC = "secure-clipped"  # reply metric: entries the clipping range cut
@@ -74,9 +75,11 @@ class ClientUpdate:
 
 def client_update(start: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], metrics: Mapping[str, float],
                   settings: Mapping[str, Any]) -> ClientUpdate:
-    """A client's update ``trained - start`` for every floating-point array (name order), with the
-    integer arrays as they are. ``settings``: :meth:`SecureSettings.client_json`, decoded. Raises
-    ValueError for an update that cannot be summed (an array the server did not send, a NaN)."""
+    """A client's update ``trained - start`` for every floating-point array (name order), in float64
+    (float32 would hold an entry plus the clipping range to a quarter of a quantisation level, so
+    small entries would not be rounded at random), with the integer arrays as they are.
+    ``settings``: :meth:`SecureSettings.client_json`, decoded. Raises ValueError for an update that
+    cannot be summed (an array the server did not send, a NaN, a weight outside [0, max_weight])."""
     names, update, clear = [], [], {}
     for name in sorted(trained):
         value = np.asarray(trained[name])
@@ -85,13 +88,16 @@ def client_update(start: Mapping[str, np.ndarray], trained: Mapping[str, np.ndar
             continue
         if name not in start or np.shape(start[name]) != value.shape:
             raise ValueError(f"secure aggregation sums updates of the arrays the server sent; '{name}' is not one")
-        delta = value - np.asarray(start[name])
+        delta = value.astype(np.float64) - np.asarray(start[name], dtype=np.float64)
         if not np.isfinite(delta).all():
             raise ValueError(f"the update of '{name}' holds NaN or Inf: it cannot enter the secure sum")
         names.append(name)
         update.append(delta)
     metric = settings["weight_metric"]
     weight = 1.0 if metric is None else float(metrics[metric])
+    if not 0 <= weight <= float(settings["max_weight"]):
+        raise ValueError(f"the weight {metric} = {weight:g} is outside [0, {settings['max_weight']:g}]: its ratio "
+                         "would overflow the secure sum")
     bound = float(settings["clipping_range"]) * float(settings["max_weight"]) / weight if weight > 0 else np.inf
     clipped = int(sum(int((np.abs(d) > bound).sum()) for d in update))
     return ClientUpdate(names, update, weight, clear, clipped)

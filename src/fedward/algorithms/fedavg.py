@@ -151,7 +151,9 @@ class FedAvg(Algorithm):
         if cfg.has("dp_clip"):
             check_dp_config(cfg, cls.name, cls.client_dp_refusal, cls.per_sample_dp_refusal)
         if cfg.has("secure_aggregation"):
-            check_secure_config(cfg, cls.name, cls.secure_aggregation_refusal)
+            own_step = ("its server step is its own aggregate, which the secure path (weights, then the weighted "
+                        "average) would skip" if cls.aggregate is not FedAvg.aggregate else None)
+            check_secure_config(cfg, cls.name, cls.secure_aggregation_refusal or own_step)
 
     def kept_optimizer(self, params, state: dict[str, Any], key: str, round_index: int) -> torch.optim.Optimizer:
         """The local optimizer at round ``round_index``'s learning rate, with its state from

@@ -24,7 +24,7 @@ from fedward.engine.replies import reply_problem
 from fedward.engine.secure import SecureMean, secure_average
 from fedward import logs
 from fedward.errors import FedwardError
-from fedward.secure_aggregation import CLIPPED_METRIC, SecureSettings
+from fedward.secure_aggregation import CLIPPED_METRIC, MAX_CLIENTS, SecureSettings
 from fedward.tracking import RunDirectory
 
 # The reply metrics a --verbose line shows per client.
@@ -151,6 +151,9 @@ class RoundLoop:
         if secure is None:
             outcomes, secure_mean = self.clients.train(round_index, message, selected, evaluate_local), None
         else:
+            if len(selected) > MAX_CLIENTS:
+                raise FedwardError(f"round {round_index}: {len(selected)} clients, more than the {MAX_CLIENTS} whose "
+                                   "weight factors the secure sum can hold modulo 2^32; lower --clients_per_round")
             outcomes, secure_mean = self.clients.train_secure(round_index, message, selected, evaluate_local, secure)
         reference = algorithm.reply_reference(global_state, server_state)
         rows: list[dict[str, Any]] = []

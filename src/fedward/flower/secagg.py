@@ -13,6 +13,7 @@ Imports Flower and NumPy only: the ClientApp loads it without torch.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -76,16 +77,23 @@ def _update_to_mask(received: RecordDict, reply: RecordDict, run_config: dict[st
 
 
 # -- the server -------------------------------------------------------------------------------------
+STAGES = ("secagg-setup", "secagg-share-keys", "train", "secagg-unmask")  # the workflow's exchanges, in order
+
+
 class _Messaging:
-    """The Grid the workflow talks through: the coordinator's push and pull, keeping the replies
-    of the masked-vector stage (they carry the clear records) and why a node fell out."""
+    """The Grid the workflow talks through: the coordinator's push and pull, keeping every reply by
+    stage (for the audit; the masked-vector stage's carry the clear records) and why a node fell out."""
 
     def __init__(self, push_and_pull: Callable[[list[Message], float], dict[int, Message | str]], timeout: float):
         self.push_and_pull, self.timeout = push_and_pull, timeout
+        self.replies: list[tuple[str, int, Message]] = []  # (stage, node, reply)
         self.masked_replies: dict[int, Message] = {}
         self.failures: dict[int, str] = {}
+        self.exchanges = 0
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        stage = STAGES[min(self.exchanges, len(STAGES) - 1)]
+        self.exchanges += 1
         replies = []
         for node_id, answer in self.push_and_pull(list(messages), self.timeout).items():
             if isinstance(answer, str):
@@ -93,8 +101,10 @@ class _Messaging:
                 continue
             if answer.has_error():
                 self.failures[node_id] = f"error on the node: {answer.error.reason}"
-            elif CLEAR_RECORD in answer.content:
-                self.masked_replies[node_id] = answer
+            else:
+                self.replies.append((stage, node_id, answer))
+                if CLEAR_RECORD in answer.content:
+                    self.masked_replies[node_id] = answer
             replies.append(answer)
         return replies
 
@@ -141,11 +151,21 @@ class _FedwardRecords(SecAggPlusWorkflow):
         return super().share_keys_stage(grid, context, state)
 
 
+@dataclass
+class SecureRound:
+    """A SecAgg+ round as the server saw it: the weighted mean of the updates of the nodes in the sum
+    (None when the protocol stopped), their masked-stage replies, why each other node fell out, and
+    every reply of every stage (stage, node, reply)."""
+
+    mean: list[np.ndarray] | None
+    masked_replies: dict[int, Message]
+    failures: dict[int, str]
+    replies: list[tuple[str, int, Message]]
+
+
 def secure_round(push_and_pull, round_index: int, contents: dict[int, RecordDict], settings: SecureSettings,
-                 timeout: float) -> tuple[list[np.ndarray] | None, dict[int, Message], dict[int, str]]:
-    """Run the SecAgg+ protocol over the nodes of ``contents``: the weighted mean of the updates of
-    the nodes in the sum (None when the protocol stopped), their masked-stage replies, and why
-    each other node fell out."""
+                 timeout: float) -> SecureRound:
+    """Run the SecAgg+ protocol over the nodes of ``contents``."""
     for content in contents.values():
         content[CONFIG][SECURE_CONFIG] = settings.client_json()
     messaging = _Messaging(push_and_pull, timeout)
@@ -162,4 +182,4 @@ def secure_round(push_and_pull, round_index: int, contents: dict[int, RecordDict
     replies = {n: m for n, m in messaging.masked_replies.items() if n in summed}
     failures = {n: messaging.failures.get(n, "left out of the secure sum (its part of the protocol did not complete)")
                 for n in contents if n not in summed}
-    return (strategy.mean if summed else None), replies, failures
+    return SecureRound(strategy.mean if summed else None, replies, failures, messaging.replies)

@@ -348,28 +348,41 @@ class Coordinator:
         from fedward.flower.secagg import secure_round
 
         participants, contents, outcomes = self._round_messages(round_index, message, client_ids, evaluate_local)
-        mean, replies, failures = secure_round(self.push_and_pull, round_index, contents, settings,
-                                               self.settings.round_timeout)
+        result = secure_round(self.push_and_pull, round_index, contents, settings, self.settings.round_timeout)
+        by_node = {p.node_id: p for p in participants}
+        for stage, node_id, reply in result.replies:  # every record of every stage, for the audit
+            self.audit(round_index, stage, by_node[node_id], reply.content)
         names: list[str] | None = None
         for p in participants:
-            if p.node_id in failures:
-                outcomes.append(Outcome(p.client_id, None, status="dropped", reason=failures[p.node_id], node=p.node_id))
+            if p.node_id in result.failures:
+                outcomes.append(Outcome(p.client_id, None, status="dropped", reason=result.failures[p.node_id],
+                                        node=p.node_id))
                 continue
-            content = replies[p.node_id].content
-            self.audit(round_index, "train", p, content)
-            clear = json.loads(content[CLEAR_RECORD]["json"])
-            reply, report = decode_reply(RecordDict({METRICS: content[METRICS], ARRAYS: ArrayRecord(),
-                                                     **({REPORT: content[REPORT]} if REPORT in content else {})}))
-            reply.arrays = {name: torch.tensor(entry["values"], dtype=message.arrays[name].dtype).reshape(entry["shape"])
-                            for name, entry in clear["clear"].items()}
-            outcome = Outcome(p.client_id, reply, report or [], node=p.node_id)
-            if reply.client_id != p.client_id:
-                outcome.status, outcome.reason = "rejected", f"the reply names client {reply.client_id}"
-            names = clear["names"] if names is None else names
-            if clear["names"] != names:
+            outcome, summed_names = self._secure_outcome(p, result.masked_replies[p.node_id].content, message)
+            names = summed_names if names is None else names
+            if outcome.status == "ok" and summed_names != names:
                 outcome.status, outcome.reason = "rejected", "its update covers other arrays than the others'"
             outcomes.append(outcome)
-        return outcomes, (SecureMean(names, mean, len(replies)) if mean is not None else None)
+        mean = result.mean
+        return outcomes, (SecureMean(names, mean, len(result.masked_replies)) if mean is not None else None)
+
+    @staticmethod
+    def _secure_outcome(p: Participant, content: RecordDict, message) -> tuple[Outcome, list[str]]:
+        """What the server learns of one node in a secure round: its metrics, integer buffers and
+        report, and the names of the arrays its masked update covers."""
+        clear = json.loads(content[CLEAR_RECORD]["json"])
+        reply, report = decode_reply(RecordDict({METRICS: content[METRICS], ARRAYS: ArrayRecord(),
+                                                 **({REPORT: content[REPORT]} if REPORT in content else {})}))
+        outcome = Outcome(p.client_id, reply, report or [], node=p.node_id)
+        unknown = sorted(set(clear["clear"]) - set(message.arrays))
+        if reply.client_id != p.client_id:
+            outcome.status, outcome.reason = "rejected", f"the reply names client {reply.client_id}"
+        elif unknown:
+            outcome.status, outcome.reason = "rejected", f"its clear arrays {unknown[:5]} are not the global model's"
+        else:
+            reply.arrays = {name: torch.tensor(entry["values"], dtype=message.arrays[name].dtype).reshape(entry["shape"])
+                            for name, entry in clear["clear"].items()}
+        return outcome, clear["names"]
 
     def evaluate(self, round_index: int, global_state: Arrays, *,
                  finetune: bool = False) -> dict[int, dict[str, Predictions]]:
