@@ -4,14 +4,19 @@ Three ways, side by side in one run (3 clients, fedavg, the small CNN at 32 px, 
 - ``simulation``: `fedward run`'s in-process engine (the compute itself);
 - ``flower-simulation``: `fedward flower run --simulation 3` (Flower's Ray runtime, one machine);
 - ``deployment``: a SuperLink and three SuperNodes on 127.0.0.1 (separate processes, plain HTTP),
-  `fedward flower run`, each node's messages run by its warm worker (the default);
+  `fedward flower run`, each node's messages run by its warm worker, the SuperNode's waits capped at
+  0.2 s and the SuperExec's task poll at 0.1 s (the defaults);
 - ``deployment, no warm worker``: the same with ``--no-warm-worker``: a fresh ClientApp process per
-  message imports torch and fedward and loads the node's data.
+  message imports torch and fedward and loads the node's data;
+- ``deployment, Flower's poll intervals``: the default deployment with Flower's own waits (a 3 s
+  idle sleep in the SuperNode, a 1 s task poll in the SuperExec);
+- ``deployment, secure aggregation``: the default deployment under SecAgg+ (three more exchanges a
+  round).
 Per-round times exclude round 1 (it includes the handshake and first data loading) and the final
 round (it adds the evaluation); the median of the others is reported. Where the overhead goes is
 estimated from its parts: the start of a ClientApp process (measured here: Python + torch +
-fedward imports), Flower's SuperNode poll (a fixed 3 s sleep while idle, so 1.5 s on average per
-message) and the bytes moved (the model, both ways, per client).
+fedward imports), the SuperNode's and SuperExec's polls, and the bytes moved (the model, both ways,
+per client).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 FEDWARD = [sys.executable, "-m", "fedward"]
-ROUND_LINE = re.compile(r"round (\d+)/(\d+): \d+ of \d+ clients aggregated \(([\d.]+) s\)")
+ROUND_LINE = re.compile(r"round (\d+)/(\d+): clients \d+/\d+,[^\n]*?, s ([\d.]+)\s*$", re.M)  # the round loop's line
 
 
 def settings(rounds: int) -> dict:
@@ -62,7 +67,7 @@ def flower_rounds(command: list[str]) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(3)) for m in ROUND_LINE.finditer(result.stdout + result.stderr)}
 
 
-def deployment_rounds(values: dict, folder: Path, *node_flags: str) -> dict[int, float]:
+def deployment_rounds(values: dict, folder: Path, *node_flags: str, env: dict | None = None) -> dict[int, float]:
     from fedward.flower.launch import free_port
 
     port = free_port()
@@ -70,7 +75,7 @@ def deployment_rounds(values: dict, folder: Path, *node_flags: str) -> dict[int,
     try:
         def start(command):
             processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                              start_new_session=True))
+                                              start_new_session=True, env={**os.environ, **(env or {})}))
 
         start([*FEDWARD, "flower", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)])
         time.sleep(2)
@@ -116,16 +121,21 @@ def run(quick: bool = False) -> list[dict]:
                                     str(folder / "flower-simulation"), *flags(values)])
         deployment = deployment_rounds(values, folder)
         cold = deployment_rounds(values, folder, "--no-warm-worker")
+        # Flower's own waits: the SuperNode's 3 s idle sleep and the SuperExec's 1 s task poll
+        flower_waits = deployment_rounds(values, folder, "--idle-poll", "3",
+                                         env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"})
+        secure = deployment_rounds({**values, "secure_aggregation": True}, folder)
     start = clientapp_start_seconds()
     rows = []
     base = statistics.median(middle_rounds(simulation, rounds))
     for name, times in (("simulation", simulation), ("flower-simulation", flower_sim), ("deployment", deployment),
-                        ("deployment, no warm worker", cold)):
+                        ("deployment, no warm worker", cold), ("deployment, Flower's poll intervals", flower_waits),
+                        ("deployment, secure aggregation", secure)):
         per_round = statistics.median(middle_rounds(times, rounds))
         rows.append({"bench": "flower_round", "engine": name, "round_s": round(per_round, 2),
                      "overhead_s": round(per_round - base, 2), "ratio": round(per_round / base, 1),
                      "rounds": {str(k): round(v, 2) for k, v in sorted(times.items())}})
-    rows.append({"bench": "flower_parts", "clientapp_start_s": round(start, 2), "supernode_poll_mean_s": 1.5,
+    rows.append({"bench": "flower_parts", "clientapp_start_s": round(start, 2),
                  "model_bytes": model_bytes(values), "bytes_per_round": 2 * 3 * model_bytes(values)})
     return rows
 

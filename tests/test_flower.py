@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+import sys
 
 import numpy as np
 import pytest
@@ -182,6 +183,7 @@ def test_commands_carry_tls_or_insecure_never_both(tmp_path):
     node = launch.supernode_command(superlink="10.0.0.1:9093", client_id=1, data=str(tmp_path), state_dir=str(tmp_path / "s"),
                                     port=9401, ca_cert=None, insecure=True)
     assert node[node.index("--superlink") + 1] == "10.0.0.1:9093" and "--insecure" in node
+    assert node[:3] == [sys.executable, "-m", "fedward.flower.supernode"]  # Flower's CLI with shorter waits
     config = node[node.index("--node-config") + 1]
     assert config == f"client-id=1 data-dir='{tmp_path.resolve()}' state-dir='{(tmp_path / 's').resolve()}'"
     with pytest.raises(ConfigError, match="either --insecure .* or --ca-cert"):
@@ -667,3 +669,18 @@ def test_a_worker_ends_with_its_supernode(tmp_path):
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not path.exists()  # it removed its socket on the way out
+
+
+def test_the_supernode_loop_sleeps_at_most_the_idle_poll(monkeypatch):
+    import time as real_time
+
+    from fedward.flower.supernode import capped_time
+
+    slept = []
+    monkeypatch.setattr(real_time, "sleep", slept.append)
+    clock = capped_time(0.2)
+    clock.sleep(3)  # Flower's idle wait
+    clock.sleep(0.5)  # its wait for a reply
+    clock.sleep(0.05)
+    assert slept == [0.2, 0.2, 0.05]
+    assert clock.monotonic is real_time.monotonic and clock.time is real_time.time  # the rest is time's own

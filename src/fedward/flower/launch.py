@@ -28,6 +28,9 @@ from fedward.flower.worker import WORKER_KEY
 CONNECTION = "fedward"
 
 
+SUPEREXEC_POLL = 0.1  # seconds
+
+
 def flower_env(home: Path | None = None) -> dict[str, str]:
     """The environment for Flower's commands: this Python's scripts first on PATH (Flower starts
     ``flower-superexec`` by name), no telemetry, no update check, no run-time ``uv sync`` (it would
@@ -35,6 +38,9 @@ def flower_env(home: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    # Flower's SuperExec looks for a new task every 1 s by default (its documented setting): each
+    # message waited 0.5 s on average for it.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL))
     if home is not None:
         home.mkdir(parents=True, exist_ok=True)
         env["FLWR_HOME"] = str(home)
@@ -102,7 +108,8 @@ def supernode_command(*, superlink: str, client_id: int, data: str | None, state
     _tls_pair(insecure, ca_cert, "--ca-cert FILE (the ca.crt the SuperLink's certificate is signed with)")
     if data and not Path(data).exists():
         raise ConfigError(f"--data {data} does not exist on this machine")
-    command = [executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
+    executable("flower-supernode")  # installed with Flower; the node runs its CLI through fedward.flower.supernode
+    command = [sys.executable, "-m", "fedward.flower.supernode", "--superlink", superlink, "--port", str(port),
                "--node-config", node_config(client_id=client_id, data=data, state_dir=state_dir, device=device,
                                             prior_path=prior_path, worker_socket=worker_socket)]
     if ca_cert:
