@@ -67,7 +67,7 @@ def flower_rounds(command: list[str]) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(3)) for m in ROUND_LINE.finditer(result.stdout + result.stderr)}
 
 
-def deployment_rounds(values: dict, folder: Path, *node_flags: str, env: dict | None = None) -> dict[int, float]:
+def deployment_rounds(values: dict, folder: Path, name: str, *node_flags: str, env: dict | None = None) -> dict[int, float]:
     from fedward.flower.launch import free_port
 
     port = free_port()
@@ -83,7 +83,7 @@ def deployment_rounds(values: dict, folder: Path, *node_flags: str, env: dict | 
             start([*FEDWARD, "flower", "supernode", "--superlink", f"127.0.0.1:{port}", "--client-id", str(k),
                    "--state-dir", str(folder / "nodes"), "--port", str(free_port()), "--insecure", *node_flags])
         return flower_rounds([*FEDWARD, "flower", "run", "--superlink", f"127.0.0.1:{port}", "--insecure",
-                              "--output", str(folder / f"deployment{'-'.join(node_flags)}"), *flags(values)])
+                              "--output", str(folder / name), *flags(values)])
     finally:
         for process in processes:
             try:
@@ -119,12 +119,12 @@ def run(quick: bool = False) -> list[dict]:
         simulation = simulation_rounds(values, folder)
         flower_sim = flower_rounds([*FEDWARD, "flower", "run", "--simulation", "3", "--output",
                                     str(folder / "flower-simulation"), *flags(values)])
-        deployment = deployment_rounds(values, folder)
-        cold = deployment_rounds(values, folder, "--no-warm-worker")
+        deployment = deployment_rounds(values, folder, "deployment")
+        cold = deployment_rounds(values, folder, "cold", "--no-warm-worker")
         # Flower's own waits: the SuperNode's 3 s idle sleep and the SuperExec's 1 s task poll
-        flower_waits = deployment_rounds(values, folder, "--idle-poll", "3",
+        flower_waits = deployment_rounds(values, folder, "flower-waits", "--idle-poll", "3",
                                          env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"})
-        secure = deployment_rounds({**values, "secure_aggregation": True}, folder)
+        secure = deployment_rounds({**values, "secure_aggregation": True}, folder, "secure")
     start = clientapp_start_seconds()
     rows = []
     base = statistics.median(middle_rounds(simulation, rounds))
