@@ -14,6 +14,7 @@ import bench_augment  # noqa: E402
 import bench_cache  # noqa: E402
 import bench_clients  # noqa: E402
 import bench_engine  # noqa: E402
+import bench_epoch  # noqa: E402
 import bench_fedmas  # noqa: E402
 import bench_flower  # noqa: E402
 
@@ -21,7 +22,7 @@ import bench_flower  # noqa: E402
 def main() -> None:
     quick = "--quick" in sys.argv
     rows = []
-    for module in (bench_engine, bench_augment, bench_fedmas, bench_cache, bench_flower, bench_clients):
+    for module in (bench_engine, bench_epoch, bench_augment, bench_fedmas, bench_cache, bench_flower, bench_clients):
         rows.extend(module.run(quick=quick))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
