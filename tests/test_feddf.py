@@ -16,7 +16,7 @@ from fedward.config import applicable_settings as applicable
 from fedward.config import build_config
 from fedward.engine.replies import reply_problem
 from fedward.engine.setup import configure_threads, initial_global_state, load_data
-from fedward.engine.simulation import ClientTask, Simulation, run
+from fedward.engine.simulation import SELECTED_LOCAL, ClientTask, Simulation, run
 from fedward.losses import distillation_kl
 from fedward.models import get_model
 from fedward.tracking import RunDirectory
@@ -179,7 +179,7 @@ def test_pfeddf_keeps_its_fine_tuned_copy_and_uploads_the_feddf_model():
     assert result.reply.arrays.keys() == feddf_reply.arrays.keys()
     assert all(torch.equal(result.reply.arrays[k], feddf_reply.arrays[k]) for k in feddf_reply.arrays)
     personal = state["personal"]
-    assert set(state) == {"personal", "optimizer-local", "optimizer-finetune"}
+    assert set(state) == {"personal", "optimizer-local", "optimizer-finetune", SELECTED_LOCAL}
     assert sim.algorithm.local_model_state(result.reply, state) is personal
     received = prototype(global_state, "smallcnn")
     assert any(not torch.equal(personal[k], received[k]) for k in received)  # fine-tuned

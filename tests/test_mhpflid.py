@@ -13,7 +13,7 @@ from torch import nn
 from fedward.algorithms.compression import compress, decompress, kept_rank
 from fedward.config import build_config
 from fedward.engine.setup import initial_global_state, load_data
-from fedward.engine.simulation import ClientTask, Simulation, run
+from fedward.engine.simulation import SELECTED_LOCAL, ClientTask, Simulation, run
 from fedward.losses import distillation_kl
 from fedward.models import get_model
 from fedward.models.messenger import CrossAttention, FeatureAddition, LocalProjection, MessengerOnly, build_fusion
@@ -285,8 +285,8 @@ def test_only_the_shared_model_leaves_a_client(tmp_path, monkeypatch, method, ex
         else:
             assert set(reply.arrays) <= sim.algorithm.declared_reply_keys(shared) and reply.arrays
         assert all(isinstance(v, float) for v in reply.metrics.values())
-        private = [t for key, part in result.state.items() if not key.startswith("optimizer")
-                   for t in part.values()]
+        private = [t for key, part in result.state.items() if not key.startswith("optimizer") and key != SELECTED_LOCAL
+                   for t in part.values()]  # (the selected round's predictions stay in the state too: not arrays)
         client = sim.training_clients[task.client_index]
         for array in reply.arrays.values():
             assert not any(array.shape == t.shape and torch.equal(array, t) for t in private if t.numel() > 1)

@@ -13,7 +13,7 @@ from fedward.config import build_config
 from fedward.errors import ConfigError
 from fedward.tracking import RunDirectory
 
-from test_flower import loopback_run, simulation_model, task_identity  # noqa: F401  (the loopback Grid, its fixture)
+from test_flower import loopback_run, simulation_model  # the loopback Grid (its task_identity fixture: conftest)
 
 
 @pytest.fixture(autouse=True)
