@@ -136,12 +136,12 @@ def test_a_node_without_the_ca_certificate_is_refused(deployment):
 # simulation runtime below (same ServerApp and ClientApp): a third deployed run would add 90 s.
 # fedmas under SecAgg+ (its MAS weights from the clear robust factors): the secure protocol on real
 # SuperNodes, whose ClientApp processes keep the protocol's state in the node's context between stages
-SAME_RESULT_RUNS = {"fedmas": {"free_u": 1, "aggregate_method": "mas", "secure_aggregation": True},
+SAME_RESULT_RUNS = {"fedmas": {"free_u": 1, "aggregate_method": "mas", "secure_aggregation": True, "comm_round": 1},
                     "mhpflid": {**HETERO, "comm_round": 1}}
 
 
 def test_deployment_gives_the_simulations_model(deployment, tmp_path, small_prior):
-    """A 2-round fedmas run under secure aggregation and a 1-round mhpflid run, one after the other on
+    """A 1-round fedmas run under secure aggregation and a 1-round mhpflid run, one after the other on
     the same three SuperNodes: each ends with the global model (the messenger for mhpflid) of the
     in-process simulation."""
     processes, port, folder, tls = deployment
