@@ -306,18 +306,9 @@ def test_each_clients_selected_round_predictions_are_its_local_models_at_that_ro
             labels, preds = [int(line["label"]) for line in part], [int(line["prediction"]) for line in part]
             assert confusion_matrix(labels, preds, 8).tolist() == row["confusion_matrix"]
 
-    class Stop(Exception):
-        pass
+    from test_engine import _crashed_after
 
-    def stop_after_2(finished):
-        if finished == 2:
-            raise Stop
-
-    cfg = build_config(values)
-    crashed = RunDirectory.create(tmp_path / "crashed")
-    crashed.write_config(cfg.to_dict())
-    with pytest.raises(Stop):
-        run(cfg, crashed, on_round_end=stop_after_2)
+    cfg, crashed = _crashed_after(tmp_path, values, 2)
     run(cfg, RunDirectory.open_existing(tmp_path / "crashed"), resume=True)
     assert (crashed.path / "predictions_local_selected.csv").read_text() == \
         (full.path / "predictions_local_selected.csv").read_text()
