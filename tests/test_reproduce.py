@@ -43,6 +43,10 @@ def test_the_table_is_the_runs_rows_averaged(tiny_values, tmp_path):
         assert len(list(csv.DictReader(handle))) == 3 * 2 * 6  # rows x seeds x clients
     # One run serves FedAvg and FedAvg+FT: two folders per seed, not three.
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fedavg", "local"]
+    # a finished run keeps its records and final model, not the checkpoint (hundreds of MB a run)
+    for folder in ("fedavg", "local"):
+        assert not (tmp_path / folder / "seed0" / "checkpoints" / "last.pt").exists()
+        assert (tmp_path / folder / "seed0" / "results.json").is_file()
 
 
 def test_finished_runs_are_reused_and_other_settings_refused(tiny_values, tmp_path, monkeypatch):
