@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"),
                         help="base settings, or 'none' for fedward's defaults")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="run only these rows of the grid (their labels, e.g. 'fedavg adam lr 0.001')")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="client learning rate for every method of the grid")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "synthetic"))
@@ -145,7 +147,13 @@ def main() -> None:
         base["lr"] = args.lr
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_grid(base, GRIDS[args.grid], args.seeds, out)
+    grid = GRIDS[args.grid]
+    if args.only:
+        unknown = sorted(set(args.only) - {label for label, _ in grid})
+        if unknown:
+            parser.error(f"--only {unknown}: not rows of --grid {args.grid} ({[label for label, _ in grid]})")
+        grid = [row for row in grid if row[0] in args.only]
+    results = run_grid(base, grid, args.seeds, out)
     first = RunDirectory.open_existing(next(p for p in sorted(out.iterdir()) if (p / "config.yaml").is_file())).read_config()
     text = table(results, first.get("client_names") or [str(i) for i in range(6)])
     settings = ", ".join(f"{k}={base[k]}" for k in sorted(base) if k not in ("progress", "validate_client"))
