@@ -16,7 +16,7 @@ def _isolated_cache(tmp_path_factory):
 
 
 TINY = dict(model="smallcnn", image_size=16, data_scale=0.03, comm_round=2, epochs=1, batch_size=16, lr=0.01,
-            progress=False, eval_batch_size=128,
+            adam=False, progress=False, eval_batch_size=128,
             threads=1)  # one thread: tiny models gain nothing from more, and a busy machine hurts less
 
 

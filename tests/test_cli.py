@@ -47,7 +47,6 @@ def test_reference_only_flags_are_accepted_or_mapped(tmp_path, capsys):
     (["--multi_step"], "--multi_step is not accepted"),
     (["--adam_w"], "--adam_w is not accepted: the reference crashes with it"),
     (["--validate_client_every", "5"], "--eval_every sets the cadence"),
-    (["--adam", "--adamw"], "--adam and --adamw: choose one optimizer"),
     (["--method", "scaffold", "--adamw"], "drop --adamw"),
     (["--comm_rounds", "3"], "unknown flag --comm_rounds"),
     (["--pre_trained_tv"], "resnet18-f37072fd.pth"),

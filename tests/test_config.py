@@ -61,7 +61,7 @@ def test_reference_flags_at_their_default_are_accepted_by_every_method():
 
 def test_settings_of_the_method_and_data_set_read_as_attributes_and_round_trip():
     cfg = build_config({"method": "fedprox", "mu": "0.1", "dataset": "synthetic_multires", "patients_scale": 2})
-    assert (cfg.mu, cfg.patients_scale, cfg.lr) == (0.1, 2.0, 3e-4)
+    assert (cfg.mu, cfg.patients_scale, cfg.lr) == (0.1, 2.0, 1e-3)
     with pytest.raises(AttributeError, match="'free_u' is not a setting of this run"):
         cfg.free_u
     saved = cfg.to_dict()

@@ -1,4 +1,5 @@
-"""The reference's optimizer flags: --adamw and --adjust_learning_rate's cosine schedule."""
+"""The local optimizer's defaults, and the reference's optimizer flags: --adamw and
+--adjust_learning_rate's cosine schedule."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ def test_the_cosine_schedule_by_hand(tiny_values):
     assert round_lr(cfg, 100) == pytest.approx(1e-4)  # r = 99: the floor
     plain = build_config({**tiny_values, "lr": 3e-4, "comm_round": 100})
     assert round_lr(plain, 50) == 3e-4 and round_lr(cfg, None) == 3e-4
+
+
+def test_the_default_is_adam_and_the_flags_choose_sgd_or_adamw():
+    weight = torch.nn.Parameter(torch.tensor([2.0]))
+    default = make_optimizer(build_config({}), [weight])
+    assert type(default) is torch.optim.Adam and default.param_groups[0]["weight_decay"] == 0
+    assert default.param_groups[0]["lr"] == build_config({}).lr
+    sgd = make_optimizer(build_config({"adam": False, "lr": 3e-4}), [weight])  # the reference's argparse defaults
+    assert type(sgd) is torch.optim.SGD
+    assert {k: sgd.param_groups[0][k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
+        "lr": 3e-4, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+    assert type(make_optimizer(build_config({"adamw": True}), [weight])) is torch.optim.AdamW  # over the default Adam
+    scaffold = build_config({"method": "scaffold"})  # option II assumes SGD steps
+    assert (scaffold.adam, scaffold.lr) == (False, 0.05)
+    assert type(make_optimizer(scaffold, [weight])) is torch.optim.SGD
 
 
 def test_adamw_decays_the_weights_at_wd(tiny_values):

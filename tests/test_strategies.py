@@ -127,8 +127,8 @@ def test_scaffold_server_update_by_hand():
 
 
 def _one_batch_client(method, **extra):
-    values = dict(model="smallcnn", image_size=8, data_scale=0.03, batch_size=10_000, epochs=1, lr=0.05, augment=False,
-                  progress=False, threads=1, momentum=0.0, nesterov=False, method=method, **extra)
+    values = dict(model="smallcnn", image_size=8, data_scale=0.03, batch_size=10_000, epochs=1, lr=0.05, adam=False,
+                  augment=False, progress=False, threads=1, momentum=0.0, nesterov=False, method=method, **extra)
     cfg = build_config(values)
     sim = Simulation(cfg, load_data(cfg), "cpu")
     x, _ = initial_global_state(cfg, sim.build_model)

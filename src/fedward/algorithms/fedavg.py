@@ -30,7 +30,6 @@ from fedward.algorithms.base import (
     training_batches,
 )
 from fedward.data.types import ClientData
-from fedward.errors import ConfigError
 from fedward.losses import build_loss
 from fedward.secure_aggregation import SecureSettings
 from fedward.seeding import torch_generator
@@ -146,8 +145,6 @@ class FedAvg(Algorithm):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.adam and cfg.adamw:
-            raise ConfigError("--adam and --adamw: choose one optimizer")
         if cfg.has("dp_clip"):
             check_dp_config(cfg, cls.name, cls.client_dp_refusal, cls.per_sample_dp_refusal)
         if cfg.has("secure_aggregation"):

@@ -37,6 +37,10 @@ CONTROL = "control/"  # prefix of the control-variate arrays in messages and rep
 
 @dataclass
 class ScaffoldOptions(GlobalTraining):
+    # Option II's control variates assume SGD steps: plain SGD at FedAvg's best SGD lr on the
+    # built-in data (`bench/bench_results.py --grid sgd_lr`).
+    adam: bool = new_default(LocalTraining, "adam", False)
+    lr: float = new_default(LocalTraining, "lr", 0.05)
     momentum: float = new_default(LocalTraining, "momentum", 0.0)
     nesterov: bool = new_default(LocalTraining, "nesterov", False)
     server_lr: float = option(1.0, "server learning rate eta_g", check=POSITIVE)
