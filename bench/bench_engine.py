@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from fedward.algorithms.base import make_optimizer, training_batches
 from fedward.config import build_config
 from fedward.data.augment import normalize

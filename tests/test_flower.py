@@ -39,7 +39,6 @@ from fedward.flower.records import (  # noqa: E402
 )
 from fedward.flower.server import Coordinator, ServerSettings  # noqa: E402
 from fedward.flower.tls import generate_certificates  # noqa: E402
-from fedward.tracking import RunDirectory  # noqa: E402
 
 SPEC = TaskSpec(num_classes=2, image_size=8, class_names=["a", "b"], mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
                 train_class_counts=[[3, 1], [2, 2]], global_class_counts=[5, 3])

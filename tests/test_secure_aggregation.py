@@ -22,8 +22,8 @@ from fedward.errors import ConfigError
 from fedward.flower.keys import ARRAYS, CLIENT_ID, CONFIG, METRICS
 from fedward.flower.secagg import secure_mod, secure_round
 from fedward.secure_aggregation import (
-    CLEAR_RECORD, QUANTIZATION_RANGE, SecureSettings, client_update, error_bound, modular_sum, quantised,
-    rounding_seed, weighted_mean,
+    CLEAR_RECORD, QUANTIZATION_RANGE, SecureSettings, client_update, error_bound, quantised,
+    rounding_seed,
 )
 
 # Three clients' hand-made models: a 2x3 weight, a bias and an integer counter.
