@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import re
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,8 +19,10 @@ from PIL import Image
 from fedward import priors
 from fedward.cli import main
 from fedward.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fedward.download import RemoteFile
-from fedward.errors import DataError
+from fedward.config import build_config
+from fedward.download import RemoteFile, offline
+from fedward.engine.simulation import prepare
+from fedward.errors import CheckpointError, DataError
 from fedward.selfsup import cached, moco
 from fedward.selfsup.augment import MocoV2Augment, grayscale
 from fedward.selfsup.images import read_image_folder
@@ -206,6 +210,37 @@ def test_prior_download_fetches_verifies_and_loads(file_server, tmp_path, monkey
     assert main(["prior", "download", "18_img", "--to", str(target), "--no-progress"]) == 2
     assert "f37072fd" in capsys.readouterr().err and not (target / "resnet18-f37072fd.pth").exists()
     assert main(["prior", "download", "dinov2", "--to", str(target)]) == 2
+
+
+def test_a_missing_public_prior_is_downloaded_on_demand_unless_offline(file_server, tmp_path, monkeypatch, capsys,
+                                                                        tiny_values):
+    served, url = file_server
+    md5 = _small_moco_file(served / priors.MOCO_FILE)
+    monkeypatch.setitem(priors.REMOTE_PRIORS, "moco", RemoteFile(priors.MOCO_FILE, f"{url}/{priors.MOCO_FILE}",
+                                                                 md5_prefix=md5[:8], licence="test licence"))
+    monkeypatch.setenv("FEDWARD_CACHE", str(tmp_path / "cache"))
+    target = priors.default_prior_dir() / priors.MOCO_FILE
+    command = re.escape(f"`fedward prior download moco --to {target.parent}`")
+    with pytest.raises(CheckpointError, match=f"not found at .* downloads are off .*{command}"):  # the suite is offline
+        priors.load_prior("moco", image_size=16)
+    assert not target.exists()
+    elsewhere = tmp_path / "elsewhere.pth"  # an explicit path: never fetched
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(elsewhere))}; put it there \\(`fedward prior download"):
+        priors.load_prior("moco", prior_path=elsewhere, image_size=16)
+    monkeypatch.delenv("FEDWARD_OFFLINE")
+    assert not offline()
+    prior = priors.load_prior("moco", image_size=16)
+    assert target.read_bytes() == (served / priors.MOCO_FILE).read_bytes()  # verified, into the cache the error named
+    notice = capsys.readouterr().err
+    assert f"prior 'moco': downloading {url}/{priors.MOCO_FILE}" in notice and "test licence" in notice
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.equal(prior(images), priors.load_prior(str(target), image_size=16)(images))
+    target.unlink()
+    monkeypatch.setitem(priors.REMOTE_PRIORS, "moco", RemoteFile(priors.MOCO_FILE, f"{url}/gone.tar", md5_prefix="0"))
+    with pytest.raises(CheckpointError, match=f"could not be downloaded .*404.*{command}"):
+        priors.load_prior("moco", image_size=16)
+    prepare(build_config({**tiny_values, "offline": True, "output": str(tmp_path / "run")}))  # --offline
+    assert offline() and os.environ["FEDWARD_OFFLINE"] == "1"
 
 
 def test_downloaded_file_of_the_wrong_architecture_is_reported(file_server, tmp_path, monkeypatch, capsys):

@@ -125,6 +125,8 @@ class RunConfig:
     keep_checkpoint: bool = option(True, "keep checkpoints/last.pt when the run has finished (false: only the final "
                                          "model files stay; the checkpoint is what --resume and a personalised "
                                          "method's shared part, e.g. MH-pFLID's messenger, live in)")
+    offline: bool = option(False, "never download weights: a missing torchvision ImageNet or MoCo-v2 file is an error "
+                                  "that names the command fetching it (as FEDWARD_OFFLINE=1)")
     progress: bool = option(True, "show progress bars (on a terminal only; the log lines come whatever stderr is)")
     quiet: bool = option(False, "log warnings and errors only on stderr (log.txt keeps every line)")
     verbose: bool = option(False, "also log one line per client and round")

@@ -36,6 +36,21 @@ Opener = Callable[..., Any]  # urllib.request.urlopen or a stand-in with the sam
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
+# Downloads off: `--offline` sets it for the run and the processes it starts; tests set it too.
+OFFLINE_ENV = "FEDWARD_OFFLINE"
+
+
+def offline() -> bool:
+    """Whether weight files must not be downloaded (``FEDWARD_OFFLINE`` set to anything but 0)."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def go_offline(flag: bool) -> None:
+    """``--offline``: turn downloads off for this process and the processes it starts."""
+    if flag:
+        os.environ[OFFLINE_ENV] = "1"
+
+
 class DownloadError(FedwardError):
     """A download failed or the downloaded file does not match its published size or checksum."""
 

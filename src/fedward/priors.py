@@ -9,8 +9,9 @@ picks the checkpoint: ``moco``, ``IMAGENET1K_V1`` (which in the reference actual
 and ``auto`` (the MoCo-v2 file if it is there, otherwise a MoCo-v2 prior fedward trains on the
 built-in data set's public split, once, and caches).
 
-Runs never download: every prior loads from a local file (``fedward prior download NAME`` fetches
-the public ones), and a missing file is an error that says where to put it. A checkpoint that names
+A public prior missing from fedward's cache is downloaded there when the run needs it, as
+``fedward prior download NAME`` does; with ``--offline`` (``FEDWARD_OFFLINE``) or an explicit
+``--prior_path``, a missing file is an error that says where to put it and names that command. A checkpoint that names
 its architecture (MoCo's ``arch`` key, also written by ``fedward prior train``) is built as that
 architecture, so a self-trained ResNet-18 prior loads like the real ResNet-50 one.
 """
@@ -100,8 +101,7 @@ def resolve_prior_file(name: str, prior_path: str | Path | None) -> tuple[str, P
         architecture, file_name = PRIOR_FILES[name]
         path = Path(prior_path).expanduser() if prior_path else default_prior_dir() / file_name
         if not path.is_file():
-            raise CheckpointError(f"prior '{name}' needs {file_name}: not found at {path}; put it there, pass "
-                                  f"--prior_path PATH, or run `fedward prior download {name} --to {path.parent}`")
+            fetch_prior_file(name, path, explicit=bool(prior_path))
         return checkpoint_architecture(path, architecture), path
     candidate = Path(name).expanduser()
     if candidate.is_file():
@@ -223,6 +223,30 @@ def load_prior(name: str, *, prior_path: str | Path | None = None, image_size: i
     encoder.load_state_dict(file_sd, strict=False)
     return FrozenPrior(encoder, keep_batchnorm_drift=keep_batchnorm_drift,
                        channels_last=image_size >= CHANNELS_LAST_MIN_SIZE)
+
+
+def fetch_prior_file(name: str, path: Path, *, explicit: bool) -> None:
+    """A public prior missing from fedward's cache is downloaded there, with a notice (the licence
+    with it); an explicit ``--prior_path`` that is missing, or downloads off, is an error that names
+    the command fetching it."""
+    from fedward import logs
+    from fedward.download import DownloadError, offline
+
+    command = f"`fedward prior download {name} --to {path.parent}`"
+    missing = f"prior '{name}' needs {PRIOR_FILES[name][1]}: not found at {path}"
+    if explicit:
+        raise CheckpointError(f"{missing}; put it there ({command} fetches it as {PRIOR_FILES[name][1]})")
+    if offline():
+        raise CheckpointError(f"{missing} and downloads are off (--offline or FEDWARD_OFFLINE); put it there, pass "
+                              f"--prior_path PATH, or run {command} on a machine with internet")
+    remote = REMOTE_PRIORS[name]
+    logs.info(f"prior '{name}': downloading {remote.url} into {path.parent}"
+              + (f" ({remote.licence})" if remote.licence else ""))
+    try:
+        download_prior(name, path.parent, accept_licence=True)
+    except DownloadError as err:
+        raise CheckpointError(f"{missing} and could not be downloaded ({err}); put it there, pass --prior_path "
+                              f"PATH, or run {command} on a machine with internet") from None
 
 
 def download_prior(name: str, folder: str | Path | None = None, *, accept_licence: bool = False,

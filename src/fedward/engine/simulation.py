@@ -229,7 +229,9 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False) -> tuple[RunDirectory, F
     """Check everything that can fail on bad input (devices, data, model, weights files), then
     create the run directory and write its config.yaml. Nothing is written if a check fails."""
     from fedward import __version__
+    from fedward.download import go_offline
 
+    go_offline(cfg.offline)
     resolve_devices(cfg)
     data = load_data(cfg)
     spec = task_spec(data)
@@ -306,7 +308,9 @@ def run(cfg: RunConfig, run_dir: RunDirectory, *, data: FederatedData | None = N
     log every round to the run directory, and write the final model, results and report. Log lines
     go to stderr and to the run's log.txt."""
     from fedward import logs
+    from fedward.download import go_offline
 
+    go_offline(cfg.offline)
     logs.set_verbosity(quiet=cfg.quiet, verbose=cfg.verbose)
     with run_dir.writing(), logs.run_log(run_dir.path / "log.txt"):
         return _run(cfg, run_dir, data=data, resume=resume, on_round_end=on_round_end)

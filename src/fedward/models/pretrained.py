@@ -7,7 +7,6 @@ As in the reference code, the classifier (``fc``) is not loaded: heads start fro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,14 +41,17 @@ def fetch_torchvision_weights(model_name: str, *, progress: bool = True) -> Path
     """Download ``model_name``'s torchvision weights into torchvision's cache, as torchvision does
     on first use (resumable, checksum-verified); offline, an error that says where to put the file."""
     from fedward import logs
-    from fedward.download import DownloadError, download
+    from fedward.download import DownloadError, download, offline
+    from fedward.priors import REMOTE_PRIORS
 
     target = default_weights_path(model_name)
     remote = torchvision_remote(model_name)
-    if os.environ.get("FEDWARD_OFFLINE"):
-        raise CheckpointError(f"ImageNet weights for {model_name} are not at {target} and FEDWARD_OFFLINE is set: "
-                              f"on a machine with internet fetch {remote.url}, put it at {target}, or pass "
-                              "--pre_trained_tv PATH")
+    if offline():
+        fetch = next((f"run `fedward prior download {name} --to {target.parent}`" for name, known in REMOTE_PRIORS.items()
+                      if known.name == remote.name), f"fetch {remote.url}")
+        raise CheckpointError(f"ImageNet weights for {model_name} are not at {target} and downloads are off "
+                              f"(--offline or FEDWARD_OFFLINE): on a machine with internet {fetch}, put it at {target}, "
+                              "or pass --pre_trained_tv PATH")
     logs.info(f"downloading torchvision's ImageNet weights {remote.name} into {target.parent}")
     try:
         return download(remote, target.parent, progress=progress)
