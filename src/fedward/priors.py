@@ -11,9 +11,10 @@ built-in data set's public split, once, and caches).
 
 A public prior missing from fedward's cache is downloaded there when the run needs it, as
 ``fedward prior download NAME`` does; with ``--offline`` (``FEDWARD_OFFLINE``) or an explicit
-``--prior_path``, a missing file is an error that says where to put it and names that command. A checkpoint that names
-its architecture (MoCo's ``arch`` key, also written by ``fedward prior train``) is built as that
-architecture, so a self-trained ResNet-18 prior loads like the real ResNet-50 one.
+``--prior_path``, a missing file is an error that says where to put it and names that command.
+A checkpoint that names its architecture (MoCo's ``arch`` key, also written by ``fedward prior
+train``) is built as that architecture, so a self-trained ResNet-18 prior loads like the real
+ResNet-50 one.
 """
 
 from __future__ import annotations

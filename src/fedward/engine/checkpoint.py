@@ -17,8 +17,9 @@ from fedward.tracking.rundir import atomic_torch_save
 
 FORMAT_VERSION = 1
 
-# What a resumed run may change: how it reports progress, whether it may download weights, whether it
-# keeps its checkpoint, and its folder (a run directory may be moved). comm_round may grow (a longer run), never shrink.
+# What a resumed run may change: how it reports progress, whether it may download weights, whether
+# it keeps its checkpoint, and its folder (a run directory may be moved). comm_round may grow (a
+# longer run), never shrink.
 RESUME_MAY_CHANGE = ("output", "progress", "quiet", "verbose", "offline", "keep_checkpoint", "states_in_memory")
 
 
