@@ -6,8 +6,9 @@ Three ways, side by side in one run (3 clients, fedavg, the small CNN at 32 px, 
 - ``deployment``: a SuperLink and three SuperNodes on 127.0.0.1 (separate processes, plain HTTP),
   `fedward flower run`, each node's messages run by its warm worker, the SuperNode's waits capped at
   0.2 s and the SuperExec's task poll at 0.1 s (the defaults);
-- ``deployment, no warm worker``: the same with ``--no-warm-worker``: a fresh ClientApp process per
-  message imports torch and fedward and loads the node's data;
+- ``deployment, no warm worker or fork server``: the same with ``--no-warm-worker
+  --no-fork-server``: a fresh ClientApp process per message imports torch and fedward and loads
+  the node's data;
 - ``deployment, Flower's poll intervals``: the default deployment with Flower's own waits (a 3 s
   idle sleep in the SuperNode, a 1 s task poll in the SuperExec);
 - ``deployment, secure aggregation``: the default deployment under SecAgg+ (three more exchanges a
@@ -120,7 +121,8 @@ def run(quick: bool = False) -> list[dict]:
         flower_sim = flower_rounds([*FEDWARD, "flower", "run", "--simulation", "3", "--output",
                                     str(folder / "flower-simulation"), *flags(values)])
         deployment = deployment_rounds(values, folder, "deployment")
-        cold = deployment_rounds(values, folder, "cold", "--no-warm-worker")
+        no_fork = deployment_rounds(values, folder, "no-fork", "--no-fork-server")
+        cold = deployment_rounds(values, folder, "cold", "--no-warm-worker", "--no-fork-server")
         # Flower's own waits: the SuperNode's 3 s idle sleep and the SuperExec's 1 s task poll
         flower_waits = deployment_rounds(values, folder, "flower-waits", "--idle-poll", "3",
                                          env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"})
@@ -129,7 +131,7 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     base = statistics.median(middle_rounds(simulation, rounds))
     for name, times in (("simulation", simulation), ("flower-simulation", flower_sim), ("deployment", deployment),
-                        ("deployment, no warm worker", cold), ("deployment, Flower's poll intervals", flower_waits),
+                        ("deployment, no fork server", no_fork), ("deployment, no warm worker or fork server", cold), ("deployment, Flower's poll intervals", flower_waits),
                         ("deployment, secure aggregation", secure)):
         per_round = statistics.median(middle_rounds(times, rounds))
         rows.append({"bench": "flower_round", "engine": name, "round_s": round(per_round, 2),

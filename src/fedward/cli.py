@@ -127,6 +127,9 @@ def _add_flower_parser(subparsers, shown: dict[str, str | None]) -> None:
     node.add_argument("--warm-worker", action=argparse.BooleanOptionalAction, default=True,
                       help="run the node's messages in one warm process beside the SuperNode instead of a fresh "
                            "ClientApp process each (default: on)")
+    node.add_argument("--fork-server", action=argparse.BooleanOptionalAction, default=True,
+                      help="fork each ClientApp process from a warm one (imports done once) instead of starting "
+                           "Flower's flwr-clientapp cold for every message (default: on)")
 
     register = actions.add_parser("register-node", help="allow a SuperNode's public key on a SuperLink started with --auth")
     register.add_argument("public_key", metavar="FILE", help="the node's public key (node-<k>.pub)")
@@ -392,9 +395,11 @@ def command_flower(args: argparse.Namespace) -> int:
             auth_key=args.auth_key, worker_socket=worker)  # checks every flag before anything starts
         if args.idle_poll <= 0:
             raise ConfigError(f"--idle-poll {args.idle_poll:g}: expected a positive number of seconds")
+        from fedward.flower.superexec import FORK_SERVER_ENV
         from fedward.flower.supernode import IDLE_POLL_ENV
 
         env[IDLE_POLL_ENV] = str(args.idle_poll)
+        env[FORK_SERVER_ENV] = "1" if args.fork_server else "0"
         if worker:
             launch.start_worker(worker, env)
         launch.exec_command(command, env)

@@ -8,7 +8,8 @@ before a node sees it, and a SecAgg+ round sends four. ``fedward flower supernod
 module instead of ``flower-supernode``, with every such sleep capped at ``--idle-poll`` seconds
 (default 0.2: five pulls a second per idle node, a trivial load on a SuperLink). With another
 Flower version the sleeps are left alone and the node says so. ``--idle-poll 3`` gives Flower's
-own behaviour.
+own behaviour. With ``--fork-server`` (the default) its SuperExec is :mod:`fedward.flower.superexec`,
+which forks each ClientApp process from a warm one.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedward.flower.superexec import FORK_SERVER_ENV, supernode_subprocess
+
     limit = float(os.environ.get(IDLE_POLL_ENV, DEFAULT_IDLE_POLL))
     if flwr.__version__ == PATCHED_FLOWER:
         start_client_internal.time = capped_time(limit)
+        if os.environ.get(FORK_SERVER_ENV) == "1":
+            start_client_internal.subprocess = supernode_subprocess()
     else:
         print(f"fedward: Flower {flwr.__version__} is not {PATCHED_FLOWER}: its SuperNode keeps its own poll "
               "interval (3 s when idle)", file=sys.stderr, flush=True)
