@@ -16,13 +16,14 @@ import bench_clients  # noqa: E402
 import bench_engine  # noqa: E402
 import bench_epoch  # noqa: E402
 import bench_fedmas  # noqa: E402
+import bench_fedmas224  # noqa: E402
 import bench_flower  # noqa: E402
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
     rows = []
-    for module in (bench_engine, bench_epoch, bench_augment, bench_fedmas, bench_cache, bench_flower, bench_clients):
+    for module in (bench_engine, bench_epoch, bench_augment, bench_fedmas, bench_fedmas224, bench_cache, bench_flower, bench_clients):
         rows.extend(module.run(quick=quick))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
