@@ -142,7 +142,7 @@ def test_a_pooled_table_reads_results_json_and_never_takes_a_bound_as_best_basel
                   rows=[Row("FedAvg", fedavg, "global", "baseline"), Row("FedProx", prox, "global", "mine"),
                         Row("Centralized", central, "global", BOUND),
                         Row("Local", RunSpec("local", {"method": "local"}), group=BOUND)],
-                  comparisons=[("FedProx", "best baseline"), ("Local", "FedAvg")])
+                  comparisons=[("FedProx", "FedAvg"), ("FedProx", "best baseline"), ("Local", "FedAvg")])
     files = reproduce(table, out=tmp_path, seeds=[0, 1], options={}, log=lambda line: None)
     final = {(label, s): json.loads((tmp_path / label / f"seed{s}" / "results.json").read_text())["final"]
              ["balanced_accuracy"] for label in ("fedavg", "fedprox", "centralized") for s in (0, 1)}
@@ -154,7 +154,8 @@ def test_a_pooled_table_reads_results_json_and_never_takes_a_bound_as_best_basel
     text = files["markdown"].read_text()
     differences = [final["fedprox", s] - final["fedavg", s] for s in (0, 1)]
     # the only non-bound row outside FedProx's group is FedAvg, whatever the centralized bound scored
-    assert f"FedProx − FedAvg | {sum(differences) / 2:+.3f}" in text
+    assert f"FedProx − FedAvg (the best baseline) | {sum(differences) / 2:+.3f}" in text
+    assert text.count("FedProx − FedAvg") == 1  # asked for twice (by name and as the best baseline): one row
     assert "Local −" not in text  # Local has no pooled number to compare
     assert "| method | BCN | HAM_vidir_molemax |" in text  # the data set's own client names
 

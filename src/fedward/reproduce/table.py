@@ -357,22 +357,26 @@ def paired_comparisons(table: Table, rows: list[Row], seeds: list[int], results:
 
     values = {r.label: headline(r.label) for r in rows}
     labels = {r.label: r for r in rows if values[r.label] is not None}
-    out = []
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for first, second in table.comparisons:
         if first not in labels:
             continue
-        if second == "best baseline":
+        best = second == "best baseline"
+        if best:
             others = [r for r in labels.values() if r.group not in (labels[first].group, BOUND)]
             if not others:
                 continue
             second = max(others, key=lambda r: mean_and_std(values[r.label])[0]).label
         if second not in labels:
             continue
-        differences = [a - b for a, b in zip(values[first], values[second])]
-        mean, low, high = mean_interval(differences)
-        out.append({"comparison": f"{first} − {second}", "mean": mean, "ci_low": low, "ci_high": high,
-                    "seeds": len(seeds)})
-    return out
+        if (first, second) not in out:  # the best baseline may be a row the table already compares with
+            differences = [a - b for a, b in zip(values[first], values[second])]
+            mean, low, high = mean_interval(differences)
+            out[first, second] = {"comparison": f"{first} − {second}", "mean": mean, "ci_low": low, "ci_high": high,
+                                  "seeds": len(seeds)}
+        if best:
+            out[first, second]["comparison"] += " (the best baseline)"
+    return list(out.values())
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
