@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from bench_fedmas import _round  # one round of every client, without evaluation or checkpoint
 
 IMAGES_PER_CLIENT = 64
 SETTINGS = dict(method="fedmas", model="resnet18", image_size=224, batch_size=16, epochs=1, adam=True, lr=3e-4,
@@ -39,18 +40,6 @@ def small_clients(data, images: int = IMAGES_PER_CLIENT):
             raise ValueError(f"client {client.client_id} has {len(client.train)} training images, the bench needs {images}")
         client.train = client.train.subset(torch.arange(images))
     return data
-
-
-def _round(sim, global_state, states, round_index: int) -> float:
-    from fedward.engine.simulation import ClientTask
-
-    start = time.perf_counter()
-    message = sim.algorithm.server_message(round_index, global_state, {})
-    results = [sim.run_client(ClientTask(round_index, k, message, states[k]), False) for k in range(len(sim.training_clients))]
-    sim.algorithm.aggregate(round_index, global_state, [r.reply for r in results], {})
-    for k, result in enumerate(results):
-        states[k] = result.state
-    return time.perf_counter() - start
 
 
 def _floor_batches(sim, round_index: int):

@@ -105,33 +105,32 @@ class ForkServer:
             return False
 
 
+def module_with(module: types.ModuleType, **replaced: Any) -> types.SimpleNamespace:
+    """A stand-in for ``module`` as one Flower module sees it (assigned to that module's global):
+    every public name of ``module``, with ``replaced`` in place of some."""
+    names = {name: getattr(module, name) for name in dir(module) if not name.startswith("__")}
+    return types.SimpleNamespace(**{**names, **replaced})
+
+
 def executor_subprocess(server: ForkServer) -> types.SimpleNamespace:
     """The ``subprocess`` module as Flower's subprocess executor sees it: ``flwr-clientapp``
     launches go to ``server``; anything else, or a launch the server cannot take, starts cold."""
-    module = types.SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)
-                                      if not name.startswith("__")})
-
     def popen(args, **kwargs):
         if args and args[0] == CLIENTAPP_COMMAND and server.launch(list(args), kwargs.get("stdout") is subprocess.DEVNULL):
             return None  # the executor keeps no handle (Flower's own launch discards its Popen)
         return subprocess.Popen(args, **kwargs)
 
-    module.Popen = popen
-    return module
+    return module_with(subprocess, Popen=popen)
 
 
 def supernode_subprocess() -> types.SimpleNamespace:
     """The ``subprocess`` module as the SuperNode sees it: its ``flower-superexec`` is this module."""
-    module = types.SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)
-                                      if not name.startswith("__")})
-
     def popen(args, **kwargs):
         if args and args[0] == "flower-superexec":
             args = [sys.executable, "-m", __name__, *args[1:]]
         return subprocess.Popen(args, **kwargs)
 
-    module.Popen = popen
-    return module
+    return module_with(subprocess, Popen=popen)
 
 
 def main() -> None:

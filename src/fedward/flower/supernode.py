@@ -26,9 +26,9 @@ PATCHED_FLOWER = "1.41.0"  # the version whose loop this was read from
 
 def capped_time(limit: float) -> types.SimpleNamespace:
     """The ``time`` module as the SuperNode loop sees it: every sleep at most ``limit`` seconds."""
-    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
-    clock.sleep = lambda seconds: time.sleep(min(float(seconds), limit))
-    return clock
+    from fedward.flower.superexec import module_with
+
+    return module_with(time, sleep=lambda seconds: time.sleep(min(float(seconds), limit)))
 
 
 def main() -> None:
